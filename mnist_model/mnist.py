@@ -1,0 +1,580 @@
+"""Train a two-hidden-layer MLP on MNIST, log it to TensorBoard and export a SavedModel that TF Serving loads.
+
+Example (the demo's tuned values; run from the repository root or from inside mnist_model/):
+
+    python3 mnist.py --num_hidden_layer_1=192 --num_hidden_layer_2=64 --dropout=0.4905680409621578 \
+        --learning_rate=0.09105850855225119 --epoch=2000
+
+The work is done by four step functions, run in this order: load_data -> train -> evaluate -> export.
+Each one keeps its imports and helpers inside itself and passes data only as files (npz, a model folder, JSON),
+because the KFP pipeline (mnist_pipeline.py) turns the very same functions into lightweight components and the
+Katib trial (../mnist_hyper_tuning.py) calls them too: there is one definition of every step.
+
+Meaning of the hyperparameters (the demo's names):
+    --num_hidden_layer_1, --num_hidden_layer_2  units of the two hidden ReLU layers
+    --dropout                                   KEEP probability of the dropout before the output layer (1.0 = none)
+    --learning_rate                             peak learning rate of SGD with Nesterov momentum and cosine decay
+    --epoch                                     number of training STEPS (mini-batches), not passes over the data
+
+Serving contract of an exported version, <export_dir>/<version>/ (saved_model_cli show --all lists it):
+    signature serving_default
+        input   pixels         float32 [-1, 784]  raw grayscale 0-255, white digit on black, as in MNIST
+        output  probabilities  float32 [-1, 10]
+        output  digit          int64   [-1]
+    signature predict_image
+        input   image_bytes    string  [-1]       PNG or JPEG bytes (base64 {"b64": ...} over REST), any size,
+                                                  gray/RGB/RGBA, dark ink on light paper is inverted
+        outputs as serving_default
+    assets.extra/run.json: hyperparameters, test accuracy and loss, TensorFlow version, data checksum.
+Scaling happens inside the model: clients send pixels as the images hold them and never divide by 255.
+"""
+import argparse
+import os
+import sys
+import tempfile
+from typing import NamedTuple
+
+from kfp.components import InputPath, OutputPath
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DATA = os.path.join(HERE, 'data', 'mnist.npz')
+DEFAULT_LOG_DIR = os.path.join('~', 'tensorboard', 'notebook')
+HYPERPARAMETER_DEFAULTS = {
+    'num_hidden_layer_1': 128,
+    'num_hidden_layer_2': 256,
+    'dropout': 1.0,
+    'learning_rate': 0.01,
+    'epoch': 2000,
+    'batch_size': 256,
+    'seed': 0,
+}
+
+
+def load_data(data: str, dataset_path: OutputPath('npz')):
+    """Read MNIST from a Keras-layout npz, a folder of the four IDX files or an http(s) URL of an npz, validate
+    it and write it to dataset_path as an uncompressed npz of uint8 arrays (x_train y_train x_test y_test) plus
+    the source and its sha256. Raises ValueError or FileNotFoundError with a one-line message."""
+    import gzip
+    import hashlib
+    import io
+    import os
+    import urllib.request
+    import zipfile
+
+    import numpy as np
+
+    keys = ('x_train', 'y_train', 'x_test', 'y_test')
+    # The file names MNIST is distributed under, in the order of `keys`.
+    idx_names = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                 't10k-labels-idx1-ubyte')
+
+    def read_npz(content, name):
+        try:
+            with np.load(io.BytesIO(content), allow_pickle=False) as npz:
+                missing = [key for key in keys if key not in npz.files]
+                if missing:
+                    raise ValueError(f'{name}: missing arrays {", ".join(missing)} (expected {", ".join(keys)})')
+                return [npz[key] for key in keys]
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+        except ValueError as error:
+            if str(error).startswith(name):
+                raise
+            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+
+    def read_idx(path):
+        opener = gzip.open if path.endswith('.gz') else open
+        try:
+            with opener(path, 'rb') as file:
+                content = file.read()
+        except (OSError, EOFError) as error:
+            raise ValueError(f'{path}: cannot read ({error})') from None
+        # IDX header: two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions, then the sizes.
+        if len(content) < 4 or content[:3] != b'\x00\x00\x08' or content[3] not in (1, 3):
+            raise ValueError(f'{path}: not an IDX file of unsigned bytes')
+        ndim = content[3]
+        header_size = 4 + 4 * ndim
+        shape = [int.from_bytes(content[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim)]
+        values = np.frombuffer(content, dtype=np.uint8, offset=min(header_size, len(content)))
+        if len(content) < header_size or values.size != int(np.prod(shape)):
+            raise ValueError(f'{path}: truncated or corrupt IDX file (header says shape {shape})')
+        return values.reshape(shape), content
+
+    def find_idx(folder, name):
+        for candidate in (name, name + '.gz', name.replace('-idx', '.idx'), name.replace('-idx', '.idx') + '.gz'):
+            if os.path.isfile(os.path.join(folder, candidate)):
+                return os.path.join(folder, candidate)
+        raise FileNotFoundError(f'{folder}: no {name}[.gz] file (an IDX folder needs all four MNIST files)')
+
+    if data.startswith(('http://', 'https://')):
+        try:
+            with urllib.request.urlopen(data, timeout=120) as response:
+                content = response.read()
+        except OSError as error:
+            raise ValueError(f'cannot download {data} ({error})') from None
+        arrays = read_npz(content, data)
+        checksum = hashlib.sha256(content).hexdigest()
+    elif os.path.isdir(data):
+        arrays, digest = [], hashlib.sha256()
+        for name in idx_names:
+            array, content = read_idx(find_idx(data, name))
+            arrays.append(array)
+            digest.update(content)
+        checksum = digest.hexdigest()
+    elif os.path.isfile(data):
+        with open(data, 'rb') as file:
+            content = file.read()
+        arrays = read_npz(content, data)
+        checksum = hashlib.sha256(content).hexdigest()
+    else:
+        raise FileNotFoundError(f'{data}: no such file or folder')
+
+    x_train, y_train, x_test, y_test = arrays
+    for images, labels, split in ((x_train, y_train, 'train'), (x_test, y_test, 'test')):
+        if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
+            raise ValueError(f'{data}: {split} images must be uint8 of shape (N, 28, 28), '
+                             f'got {images.dtype} {images.shape}')
+        if labels.ndim != 1 or labels.dtype.kind not in 'iu':
+            raise ValueError(f'{data}: {split} labels must be a 1-D integer array, got {labels.dtype} {labels.shape}')
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f'{data}: {len(images)} {split} images but {len(labels)} labels')
+        if labels.min() < 0 or labels.max() > 9:
+            raise ValueError(f'{data}: {split} labels must be digits 0-9, found {labels.min()}..{labels.max()}')
+
+    os.makedirs(os.path.dirname(os.path.abspath(dataset_path)), exist_ok=True)
+    # An open file stops np.savez from appending ".npz" to a path KFP chose.
+    with open(dataset_path, 'wb') as file:
+        np.savez(file, x_train=x_train, y_train=y_train.astype(np.uint8), x_test=x_test,
+                 y_test=y_test.astype(np.uint8), source=np.array(data), source_sha256=np.array(checksum))
+
+
+def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_hidden_layer_1: int = 128,
+          num_hidden_layer_2: int = 256, dropout: float = 1.0, learning_rate: float = 0.01, epoch: int = 2000,
+          batch_size: int = 256, seed: int = 0, log_dir: str = ''):
+    """Train the MLP for `epoch` steps and save it to the folder model_path (model.keras and train.json).
+    `dropout` is the keep probability. With a log_dir, write TensorBoard logs to <log_dir>/<run name>/."""
+    import datetime
+    import json
+    import math
+    import os
+    import time
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    log_every = 200  # Steps between progress lines, TensorBoard points and validation passes.
+    started = time.time()
+    with np.load(dataset_path, allow_pickle=False) as dataset:
+        x_train, y_train = dataset['x_train'].reshape(-1, 784), dataset['y_train']
+        x_test, y_test = dataset['x_test'].reshape(-1, 784).astype(np.float32), dataset['y_test']
+        source, source_sha256 = str(dataset['source']), str(dataset['source_sha256'])
+
+    keras.utils.set_random_seed(seed)
+    # Standardise with the training set's statistics inside the model, so that it is fed raw 0-255 pixels.
+    mean, std = float(x_train.mean()), float(x_train.std())
+    layers = [
+        keras.Input(shape=(784,), name='pixels'),
+        keras.layers.Rescaling(scale=1.0 / std, offset=-mean / std, name='standardise'),
+        keras.layers.Dense(num_hidden_layer_1, activation='relu', name='hidden_1'),
+        keras.layers.Dense(num_hidden_layer_2, activation='relu', name='hidden_2'),
+    ]
+    if dropout < 1.0:
+        # One dropout before the classifier, as in TensorFlow's classic MNIST examples, where --dropout is also the
+        # keep probability. Keras takes the fraction to DROP.
+        layers.append(keras.layers.Dropout(1.0 - dropout, seed=seed, name='dropout'))
+    layers.append(keras.layers.Dense(10, activation='softmax', name='probabilities'))
+    model = keras.Sequential(layers, name='mnist_mlp')
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epoch)
+    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
+                  loss='sparse_categorical_crossentropy', metrics=['accuracy'],
+                  # One call into the compiled graph per log interval keeps Python out of the inner loop.
+                  steps_per_execution=min(log_every, epoch))
+
+    # Shuffle indices rather than images (cheap), gather whole batches, and stop after exactly `epoch` steps.
+    images, labels = tf.constant(x_train), tf.constant(y_train)
+    train_batches = (tf.data.Dataset.range(len(x_train))
+                     .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+                     .repeat()
+                     .batch(batch_size)
+                     .map(lambda index: (tf.cast(tf.gather(images, index), tf.float32), tf.gather(labels, index)))
+                     .prefetch(tf.data.AUTOTUNE)
+                     .take(epoch))
+    test_batches = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2000).cache()
+
+    run_dir = None
+    writers = {}
+    if log_dir:
+        run_name = (f'{datetime.datetime.now():%Y%m%d-%H%M%S}-h{num_hidden_layer_1}-{num_hidden_layer_2}'
+                    f'-keep{dropout:.3g}-lr{learning_rate:.3g}-steps{epoch}-seed{seed}')
+        run_dir = os.path.join(os.path.expanduser(log_dir), run_name)
+        suffix = 1
+        while os.path.exists(run_dir):
+            suffix += 1
+            run_dir = os.path.join(os.path.expanduser(log_dir), f'{run_name}-{suffix}')
+        # One writer per series, created once for the whole run.
+        writers = {name: tf.summary.create_file_writer(os.path.join(run_dir, name))
+                   for name in ('train', 'validation')}
+
+    class ProgressLogger(keras.callbacks.Callback):
+        """Print a progress line and log scalars every log interval; stop on a non-finite loss."""
+
+        def on_epoch_end(self, interval, logs=None):
+            step = int(self.model.optimizer.iterations.numpy())
+            print(f'step {step:>6}/{epoch}  train loss {logs["loss"]:.4f} accuracy {logs["accuracy"]:.4f}  '
+                  f'test loss {logs["val_loss"]:.4f} accuracy {logs["val_accuracy"]:.4f}  '
+                  f'({time.time() - started:.1f} s)', flush=True)
+            for series, prefix in (('train', ''), ('validation', 'val_')):
+                if series in writers:
+                    with writers[series].as_default(step=step):
+                        tf.summary.scalar('loss', logs[prefix + 'loss'])
+                        tf.summary.scalar('accuracy', logs[prefix + 'accuracy'])
+            if not math.isfinite(logs['loss']):
+                self.model.stop_training = True
+
+    fit_started = time.time()
+    history = model.fit(train_batches, epochs=math.ceil(epoch / log_every), steps_per_epoch=min(log_every, epoch),
+                        validation_data=test_batches, callbacks=[ProgressLogger()], shuffle=False, verbose=0)
+    train_seconds = time.time() - fit_started
+    final_loss = history.history['loss'][-1]
+    if not math.isfinite(final_loss):
+        raise ValueError(f'training diverged (loss {final_loss}); try a smaller --learning_rate')
+
+    hyperparameters = {'num_hidden_layer_1': num_hidden_layer_1, 'num_hidden_layer_2': num_hidden_layer_2,
+                       'dropout': dropout, 'learning_rate': learning_rate, 'epoch': epoch,
+                       'batch_size': batch_size, 'seed': seed}
+    if writers:
+        # The pictures are drawn with numpy and a 3x5 pixel font, so that the step needs no plotting library.
+        glyphs = ['111101101101111', '010110010010111', '111001111100111', '111001111001111', '101101111001001',
+                  '111100111001111', '111100111101111', '111001001001001', '111101111101111', '111101111001111']
+
+        def draw_number(canvas, number, top, left, colour, scale=2):
+            for position, character in enumerate(str(number)):
+                glyph = np.array([int(bit) for bit in glyphs[int(character)]], dtype=bool).reshape(5, 3)
+                glyph = glyph.repeat(scale, axis=0).repeat(scale, axis=1)
+                column = left + position * 4 * scale
+                canvas[top:top + 5 * scale, column:column + 3 * scale][glyph] = colour
+
+        def render_confusion_matrix(confusion):
+            # Rows are true digits, columns predicted ones; the shade is the share of the true digit's examples.
+            cell_height, cell_width = 16, 36
+            canvas = np.full((11 * cell_height, 11 * cell_width, 3), 255, dtype=np.uint8)
+            shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+            for digit in range(10):
+                draw_number(canvas, digit, 3, (digit + 1) * cell_width + 14, (0, 0, 0))
+                draw_number(canvas, digit, (digit + 1) * cell_height + 3, 14, (0, 0, 0))
+            for true_digit in range(10):
+                for predicted in range(10):
+                    top, left = (true_digit + 1) * cell_height, (predicted + 1) * cell_width
+                    shade = int(255 * (1 - shares[true_digit, predicted]))
+                    canvas[top:top + cell_height, left:left + cell_width] = (shade, shade, 255)
+                    text_colour = (255, 255, 255) if shade < 128 else (0, 0, 0)
+                    draw_number(canvas, confusion[true_digit, predicted], top + 3, left + 2, text_colour)
+            return canvas
+
+        def render_predictions(pixels, true_digits, predicted_digits, columns=6):
+            # Each test digit at twice its size, its predicted digit in green when right and red when wrong.
+            tiles = []
+            for image, true_digit, predicted in zip(pixels, true_digits, predicted_digits):
+                tile = np.repeat(image.reshape(28, 28, 1).astype(np.uint8), 3, axis=2).repeat(2, 0).repeat(2, 1)
+                draw_number(tile, predicted, 2, 2, (0, 200, 0) if predicted == true_digit else (255, 0, 0))
+                tiles.append(np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=128))
+            rows = [np.concatenate(tiles[start:start + columns], axis=1) for start in range(0, len(tiles), columns)]
+            return np.concatenate(rows, axis=0)
+
+        probabilities = model.predict(x_test, batch_size=2000, verbose=0)
+        predictions = probabilities.argmax(axis=1)
+        confusion = np.bincount(y_test * 10 + predictions, minlength=100).reshape(10, 10)
+        with writers['validation'].as_default(step=epoch):
+            tf.summary.image('confusion_matrix', render_confusion_matrix(confusion)[None], step=epoch)
+            tf.summary.image('sample_predictions',
+                             render_predictions(x_test[:36], y_test[:36], predictions[:36])[None], step=epoch)
+        from tensorboard.plugins.hparams import api as hparams_api
+        with tf.summary.create_file_writer(run_dir).as_default():
+            hparams_api.hparams(hyperparameters, trial_id=os.path.basename(run_dir))
+        for writer in writers.values():
+            writer.close()
+
+    os.makedirs(model_path, exist_ok=True)
+    model.save(os.path.join(model_path, 'model.keras'))
+    info = {'hyperparameters': hyperparameters, 'train_seconds': round(train_seconds, 3),
+            'tensorflow_version': tf.__version__, 'keras_version': keras.__version__,
+            'data_source': source, 'data_sha256': source_sha256, 'train_examples': len(x_train),
+            'standardisation': {'mean': mean, 'std': std}, 'tensorboard_run_dir': run_dir}
+    with open(os.path.join(model_path, 'train.json'), 'w') as file:
+        json.dump(info, file, indent=2)
+
+
+def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), metrics_path: OutputPath('JSON'),
+             mlpipeline_metrics_path: OutputPath('Metrics'), mlpipeline_ui_metadata_path: OutputPath('UI_metadata')
+             ) -> NamedTuple('EvaluateOutputs', [('accuracy', float), ('loss', float)]):
+    """Measure test accuracy (a fraction) and loss; write them with the confusion matrix to metrics_path, and as
+    KFP v1 run metrics and UI metadata (a confusion matrix and a summary) for the pipeline's run page."""
+    import collections
+    import json
+    import os
+
+    import keras
+    import numpy as np
+
+    with np.load(dataset_path, allow_pickle=False) as dataset:
+        x_test, y_test = dataset['x_test'].reshape(-1, 784).astype(np.float32), dataset['y_test'].astype(np.int64)
+    model = keras.models.load_model(os.path.join(model_path, 'model.keras'))
+    with open(os.path.join(model_path, 'train.json')) as file:
+        train_info = json.load(file)
+
+    probabilities = model.predict(x_test, batch_size=2000, verbose=0)
+    predictions = probabilities.argmax(axis=1)
+    accuracy = float(np.mean(predictions == y_test))
+    # The same clipping as Keras' cross-entropy, so this equals model.evaluate's loss.
+    loss = float(-np.mean(np.log(np.clip(probabilities[np.arange(len(y_test)), y_test], 1e-7, 1.0))))
+    confusion = np.bincount(y_test * 10 + predictions, minlength=100).reshape(10, 10)
+
+    def write_json(path, content):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as file:
+            json.dump(content, file, indent=2)
+
+    write_json(metrics_path, {'accuracy': accuracy, 'loss': loss, 'test_examples': len(y_test),
+                              'confusion_matrix': confusion.tolist()})
+    write_json(mlpipeline_metrics_path, {'metrics': [
+        {'name': 'accuracy', 'numberValue': round(100 * accuracy, 4), 'format': 'PERCENTAGE'},
+        {'name': 'loss', 'numberValue': round(loss, 6), 'format': 'RAW'},
+    ]})
+    rows = '\n'.join(f'| {name} | {value} |' for name, value in train_info['hyperparameters'].items())
+    summary = (f'## MNIST MLP\n\nTest accuracy **{accuracy:.2%}**, loss {loss:.4f} on {len(y_test)} test images.\n\n'
+               f'| hyperparameter | value |\n|---|---|\n{rows}\n')
+    write_json(mlpipeline_ui_metadata_path, {'outputs': [
+        {'type': 'confusion_matrix', 'format': 'csv', 'storage': 'inline',
+         'schema': [{'name': 'target', 'type': 'CATEGORY'}, {'name': 'predicted', 'type': 'CATEGORY'},
+                    {'name': 'count', 'type': 'NUMBER'}],
+         'labels': [str(digit) for digit in range(10)],
+         'source': ''.join(f'{target},{predicted},{confusion[target, predicted]}\n'
+                           for target in range(10) for predicted in range(10))},
+        {'type': 'markdown', 'storage': 'inline', 'source': summary},
+    ]})
+    return collections.namedtuple('EvaluateOutputs', ['accuracy', 'loss'])(accuracy, loss)
+
+
+def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), export_dir: OutputPath('SavedModel'),
+           model_version: int = 0) -> int:
+    """Export the model as <export_dir>/<version>/ with the signatures serving_default and predict_image (see the
+    module docstring) and return the version. model_version 0 takes one more than the largest version there.
+    The version folder appears at once, by rename, so a polling server never sees it half-written."""
+    import json
+    import os
+    import re
+    import shutil
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+
+    model = keras.models.load_model(os.path.join(model_path, 'model.keras'))
+    with open(os.path.join(model_path, 'train.json')) as file:
+        train_info = json.load(file)
+    with open(metrics_path) as file:
+        metrics = json.load(file)
+
+    os.makedirs(export_dir, exist_ok=True)
+    versions = [int(name) for name in os.listdir(export_dir) if re.fullmatch(r'[0-9]+', name)]
+    version = model_version or max(versions, default=0) + 1
+    version_dir = os.path.join(export_dir, str(version))
+    if os.path.exists(version_dir):
+        raise FileExistsError(f'{version_dir} already exists: choose another model version')
+
+    def to_mnist_pixels(image_bytes):
+        """Decode one image and normalise it the way MNIST was made, returning 784 pixels of 0-255."""
+        rgba = tf.cond(
+            tf.io.is_jpeg(image_bytes),
+            lambda: tf.concat([tf.io.decode_jpeg(image_bytes, channels=3),
+                               tf.fill(tf.concat([tf.shape(tf.io.decode_jpeg(image_bytes, channels=1))[:2], [1]],
+                                                 axis=0), tf.constant(255, tf.uint8))], axis=2),
+            lambda: tf.io.decode_png(image_bytes, channels=4))
+        rgba = tf.cast(rgba, tf.float32)
+        alpha = rgba[:, :, 3] / 255.0
+        # Transparent parts count as white paper.
+        gray = tf.image.rgb_to_grayscale(rgba[:, :, :3])[:, :, 0] * alpha + 255.0 * (1.0 - alpha)
+        border = tf.concat([gray[0, :], gray[-1, :], gray[:, 0], gray[:, -1]], axis=0)
+        background = tf.reduce_mean(border)
+        # MNIST is a light digit on a dark background: invert dark ink on light paper.
+        gray = tf.cond(background > 127.5, lambda: 255.0 - gray, lambda: gray)
+        background = tf.minimum(background, 255.0 - background)
+        ink = tf.nn.relu(gray - background)
+        ink = ink * 255.0 / tf.maximum(tf.reduce_max(ink), 1e-6)
+        inked_rows = tf.where(tf.reduce_any(ink > 0.1 * 255.0, axis=1))[:, 0]
+        inked_columns = tf.where(tf.reduce_any(ink > 0.1 * 255.0, axis=0))[:, 0]
+
+        def crop_scale_and_centre():
+            # Crop to the ink's bounding box and fit its longer side to 20 pixels, keeping the aspect ratio.
+            top, bottom = tf.reduce_min(inked_rows), tf.reduce_max(inked_rows) + 1
+            left, right = tf.reduce_min(inked_columns), tf.reduce_max(inked_columns) + 1
+            crop = ink[top:bottom, left:right]
+            height, width = tf.cast(bottom - top, tf.float32), tf.cast(right - left, tf.float32)
+            scale = 20.0 / tf.maximum(height, width)
+            new_height = tf.maximum(1, tf.cast(tf.round(height * scale), tf.int32))
+            new_width = tf.maximum(1, tf.cast(tf.round(width * scale), tf.int32))
+            digit = tf.image.resize(crop[:, :, None], [new_height, new_width], antialias=True)[:, :, 0]
+            digit = tf.clip_by_value(digit, 0.0, 255.0)
+            # Place it in 28x28 with its centre of mass at the centre (pixel 14, 14), as MNIST does.
+            mass = tf.maximum(tf.reduce_sum(digit), 1e-6)
+            centre_row = tf.reduce_sum(digit * tf.cast(tf.range(new_height), tf.float32)[:, None]) / mass
+            centre_column = tf.reduce_sum(digit * tf.cast(tf.range(new_width), tf.float32)[None, :]) / mass
+            pad_top = tf.clip_by_value(tf.cast(tf.round(14.0 - centre_row), tf.int32), 0, 28 - new_height)
+            pad_left = tf.clip_by_value(tf.cast(tf.round(14.0 - centre_column), tf.int32), 0, 28 - new_width)
+            placed = tf.pad(digit, [[pad_top, 28 - new_height - pad_top], [pad_left, 28 - new_width - pad_left]])
+            return tf.reshape(placed, [784])
+
+        return tf.cond(tf.size(inked_rows) > 0, crop_scale_and_centre, lambda: tf.zeros([784], tf.float32))
+
+    class MnistServing(tf.Module):
+        def __init__(self, keras_model):
+            super().__init__()
+            self.model = keras_model
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')])
+        def serve_pixels(self, pixels):
+            probabilities = self.model(pixels, training=False)
+            return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+        def serve_image(self, image_bytes):
+            pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32))
+            return self.serve_pixels(pixels)
+
+    serving = MnistServing(model)
+    # Build the version in a hidden folder beside its final place: TF Serving only loads integer folder names,
+    # and a rename within one file system is atomic.
+    staging_dir = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=export_dir)
+    try:
+        # mkdtemp makes the folder private; a server running as another user must be able to read the version.
+        os.chmod(staging_dir, 0o755)
+        tf.saved_model.save(serving, staging_dir, signatures={
+            'serving_default': serving.serve_pixels.get_concrete_function(),
+            'predict_image': serving.serve_image.get_concrete_function()})
+        os.makedirs(os.path.join(staging_dir, 'assets.extra'))
+        run_info = {'model_version': version, 'hyperparameters': train_info['hyperparameters'],
+                    'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
+                    'test_examples': metrics['test_examples'], 'tensorflow_version': tf.__version__,
+                    'data_source': train_info['data_source'], 'data_sha256': train_info['data_sha256']}
+        with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
+            json.dump(run_info, file, indent=2)
+        if os.path.exists(version_dir):
+            raise FileExistsError(f'{version_dir} appeared while exporting: choose another model version')
+        os.rename(staging_dir, version_dir)
+    except BaseException:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        raise
+    return version
+
+
+def run(data, hparams, log_dir='', export_dir=None, model_version=0):
+    """Run load_data -> train -> evaluate [-> export] in a temporary folder and return the results as a dict."""
+    import json
+
+    hparams = {**HYPERPARAMETER_DEFAULTS, **hparams}
+    with tempfile.TemporaryDirectory(prefix='mnist-') as work_dir:
+        dataset_path, model_path, metrics_path = (os.path.join(work_dir, name)
+                                                  for name in ('dataset.npz', 'model', 'metrics.json'))
+        load_data(data, dataset_path)
+        train(dataset_path, model_path, log_dir=log_dir, **hparams)
+        accuracy, loss = evaluate(dataset_path, model_path, metrics_path,
+                                  os.path.join(work_dir, 'mlpipeline-metrics.json'),
+                                  os.path.join(work_dir, 'mlpipeline-ui-metadata.json'))
+        with open(os.path.join(model_path, 'train.json')) as file:
+            train_info = json.load(file)
+        version = export(model_path, metrics_path, export_dir, model_version) if export_dir else None
+    return {'accuracy': accuracy, 'loss': loss, 'model_version': version,
+            'model_path': os.path.join(export_dir, str(version)) if version else None,
+            'run_dir': train_info['tensorboard_run_dir'], 'train_seconds': train_info['train_seconds']}
+
+
+def format_metrics(accuracy, loss):
+    """The metric lines Katib's StdOut collector parses (and the only lines that name accuracy and loss so)."""
+    return f'accuracy={accuracy:.6f}\nloss={loss:.6f}'
+
+
+def _checked(convert, allowed, is_valid):
+    """An argparse type that converts a value and names the allowed range when it is out of it."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f'must be {allowed}, got {text!r}')
+        return value
+    return parse
+
+
+positive_int = _checked(int, 'an integer >= 1', lambda value: value >= 1)
+keep_probability = _checked(float, 'a keep probability in (0, 1]', lambda value: 0.0 < value <= 1.0)
+positive_float = _checked(float, 'a number > 0', lambda value: 0.0 < value < float('inf'))
+non_negative_int = _checked(int, 'an integer >= 0', lambda value: value >= 0)
+
+
+def add_hyperparameter_arguments(parser):
+    """Add the five hyperparameters and --batch_size, --seed, --data: shared by this script and the Katib trial."""
+    defaults = HYPERPARAMETER_DEFAULTS
+    parser.add_argument('--num_hidden_layer_1', type=positive_int, default=defaults['num_hidden_layer_1'],
+                        help='units in the first hidden ReLU layer, >= 1 (default: %(default)s)')
+    parser.add_argument('--num_hidden_layer_2', type=positive_int, default=defaults['num_hidden_layer_2'],
+                        help='units in the second hidden ReLU layer, >= 1 (default: %(default)s)')
+    parser.add_argument('--dropout', type=keep_probability, default=defaults['dropout'],
+                        help='KEEP probability of the dropout before the output layer, in (0, 1]; '
+                             '1.0 disables dropout (default: %(default)s)')
+    parser.add_argument('--learning_rate', type=positive_float, default=defaults['learning_rate'],
+                        help='peak learning rate of SGD with Nesterov momentum 0.9 and cosine decay, > 0 '
+                             '(default: %(default)s)')
+    parser.add_argument('--epoch', type=positive_int, default=defaults['epoch'],
+                        help='number of training STEPS (mini-batches, not passes over the data), >= 1 '
+                             '(default: %(default)s)')
+    parser.add_argument('--batch_size', type=positive_int, default=defaults['batch_size'],
+                        help='examples per training step, >= 1 (default: %(default)s)')
+    parser.add_argument('--seed', type=non_negative_int, default=defaults['seed'],
+                        help='random seed for initial weights, shuffling and dropout, >= 0 (default: %(default)s)')
+    parser.add_argument('--data', default=DEFAULT_DATA,
+                        help='Keras-layout mnist.npz, or a folder of the four MNIST IDX files (gzipped or not) '
+                             '(default: the bundled data/mnist.npz)')
+
+
+def hyperparameters_from(args):
+    """The hyperparameter values of parsed arguments, as the dict run() takes."""
+    return {name: getattr(args, name) for name in HYPERPARAMETER_DEFAULTS}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    add_hyperparameter_arguments(parser)
+    parser.add_argument('--log_dir', default=DEFAULT_LOG_DIR,
+                        help='TensorBoard folder; each run gets a subfolder; empty to disable (default: %(default)s)')
+    parser.add_argument('--export_dir', default=HERE,
+                        help='folder of the model versions, which TF Serving polls (default: this script\'s folder)')
+    parser.add_argument('--model_version', type=positive_int, default=0,
+                        help='integer version to export as (default: one more than the largest version there)')
+    args = parser.parse_args(argv)
+
+    # TensorFlow's start-up notices say nothing the user can act on.
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    version_dir = os.path.join(args.export_dir, str(args.model_version))
+    if args.model_version and os.path.exists(version_dir):
+        print(f'mnist.py: error: {version_dir} already exists: choose another --model_version', file=sys.stderr)
+        return 1
+    try:
+        result = run(args.data, hyperparameters_from(args), log_dir=args.log_dir, export_dir=args.export_dir,
+                     model_version=args.model_version)
+    except (ValueError, OSError) as error:
+        print(f'mnist.py: error: {error}', file=sys.stderr)
+        return 1
+
+    print(f'\nTest accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
+          f'(training took {result["train_seconds"]:.1f} s)')
+    if result['run_dir']:
+        print(f'TensorBoard logs: {result["run_dir"]}  (view: tensorboard --logdir {args.log_dir})')
+    print(f'Model version {result["model_version"]} exported to {result["model_path"]}')
+    print(format_metrics(result['accuracy'], result['loss']), flush=True)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
