@@ -167,12 +167,16 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     started = time.time()
     with np.load(dataset_path, allow_pickle=False) as dataset:
         x_train, y_train = dataset['x_train'].reshape(-1, 784), dataset['y_train']
-        x_test, y_test = dataset['x_test'].reshape(-1, 784).astype(np.float32), dataset['y_test']
+        x_test, y_test = dataset['x_test'].reshape(-1, 784), dataset['y_test']
         source, source_sha256 = str(dataset['source']), str(dataset['source_sha256'])
+    train_examples = len(x_train)
 
     keras.utils.set_random_seed(seed)
     # Standardise with the training set's statistics inside the model, so that it is fed raw 0-255 pixels.
-    mean, std = float(x_train.mean()), float(x_train.std())
+    # A histogram of the 256 pixel values gives them exactly, without float copies of the whole set.
+    counts = sum(np.bincount(chunk.ravel(), minlength=256) for chunk in np.array_split(x_train, 20))
+    mean = float(np.dot(counts, np.arange(256)) / counts.sum())
+    std = float(np.sqrt(np.dot(counts, (np.arange(256) - mean) ** 2) / counts.sum()))
     layers = [
         keras.Input(shape=(784,), name='pixels'),
         keras.layers.Rescaling(scale=1.0 / std, offset=-mean / std, name='standardise'),
@@ -192,15 +196,18 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
                   steps_per_execution=min(log_every, epoch))
 
     # Shuffle indices rather than images (cheap), gather whole batches, and stop after exactly `epoch` steps.
+    # The uint8 images stay uint8 in memory (a float copy of the training set would take 188 MB).
     images, labels = tf.constant(x_train), tf.constant(y_train)
-    train_batches = (tf.data.Dataset.range(len(x_train))
-                     .shuffle(len(x_train), seed=seed, reshuffle_each_iteration=True)
+    del x_train
+    train_batches = (tf.data.Dataset.range(train_examples)
+                     .shuffle(train_examples, seed=seed, reshuffle_each_iteration=True)
                      .repeat()
                      .batch(batch_size)
                      .map(lambda index: (tf.cast(tf.gather(images, index), tf.float32), tf.gather(labels, index)))
                      .prefetch(tf.data.AUTOTUNE)
                      .take(epoch))
-    test_batches = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2000).cache()
+    test_batches = (tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2000)
+                    .map(lambda pixels, digits: (tf.cast(pixels, tf.float32), digits)))
 
     run_dir = None
     writers = {}
@@ -282,7 +289,7 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
             rows = [np.concatenate(tiles[start:start + columns], axis=1) for start in range(0, len(tiles), columns)]
             return np.concatenate(rows, axis=0)
 
-        probabilities = model.predict(x_test, batch_size=2000, verbose=0)
+        probabilities = model.predict(x_test.astype(np.float32), batch_size=2000, verbose=0)
         predictions = probabilities.argmax(axis=1)
         confusion = np.bincount(y_test * 10 + predictions, minlength=100).reshape(10, 10)
         with writers['validation'].as_default(step=epoch):
@@ -299,7 +306,7 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     model.save(os.path.join(model_path, 'model.keras'))
     info = {'hyperparameters': hyperparameters, 'train_seconds': round(train_seconds, 3),
             'tensorflow_version': tf.__version__, 'keras_version': keras.__version__,
-            'data_source': source, 'data_sha256': source_sha256, 'train_examples': len(x_train),
+            'data_source': source, 'data_sha256': source_sha256, 'train_examples': train_examples,
             'standardisation': {'mean': mean, 'std': std}, 'tensorboard_run_dir': run_dir}
     with open(os.path.join(model_path, 'train.json'), 'w') as file:
         json.dump(info, file, indent=2)
@@ -318,12 +325,14 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
     import numpy as np
 
     with np.load(dataset_path, allow_pickle=False) as dataset:
-        x_test, y_test = dataset['x_test'].reshape(-1, 784).astype(np.float32), dataset['y_test'].astype(np.int64)
+        x_test, y_test = dataset['x_test'].reshape(-1, 784), dataset['y_test'].astype(np.int64)
     model = keras.models.load_model(os.path.join(model_path, 'model.keras'))
     with open(os.path.join(model_path, 'train.json')) as file:
         train_info = json.load(file)
 
-    probabilities = model.predict(x_test, batch_size=2000, verbose=0)
+    # Batch by batch, so that only one batch at a time is held as float32.
+    probabilities = np.concatenate([model.predict_on_batch(x_test[start:start + 2000].astype(np.float32))
+                                    for start in range(0, len(x_test), 2000)])
     predictions = probabilities.argmax(axis=1)
     accuracy = float(np.mean(predictions == y_test))
     # The same clipping as Keras' cross-entropy, so this equals model.evaluate's loss.
@@ -544,7 +553,7 @@ def hyperparameters_from(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog='mnist.py', description=__doc__.split('\n\n')[0])
     add_hyperparameter_arguments(parser)
     parser.add_argument('--log_dir', default=DEFAULT_LOG_DIR,
                         help='TensorBoard folder; each run gets a subfolder; empty to disable (default: %(default)s)')

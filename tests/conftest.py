@@ -34,8 +34,21 @@ def small_data_path(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def model_base_dir(tmp_path_factory, small_data_path):
-    """An export base folder holding version 1, trained on the small data; copy it before changing it."""
+def trained_steps(tmp_path_factory, small_data_path):
+    """The files of load_data -> train -> evaluate on the small data: dataset, model folder and metrics JSON."""
+    work = tmp_path_factory.mktemp('steps')
+    paths = {name: str(work / name) for name in ('dataset.npz', 'model', 'metrics.json',
+                                                  'mlpipeline-metrics.json', 'mlpipeline-ui-metadata.json')}
+    mnist.load_data(small_data_path, paths['dataset.npz'])
+    mnist.train(paths['dataset.npz'], paths['model'], **TINY_HPARAMS)
+    mnist.evaluate(paths['dataset.npz'], paths['model'], paths['metrics.json'], paths['mlpipeline-metrics.json'],
+                   paths['mlpipeline-ui-metadata.json'])
+    return paths
+
+
+@pytest.fixture(scope='session')
+def model_base_dir(tmp_path_factory, trained_steps):
+    """An export base folder holding version 1 of the small model; copy it before changing it."""
     base = tmp_path_factory.mktemp('models')
-    mnist.run(small_data_path, TINY_HPARAMS, export_dir=str(base))
+    mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(base))
     return str(base)
