@@ -1,0 +1,526 @@
+"""Kubeflow Pipelines (v1) pipeline for the MNIST demo: compile it, run it locally, upload, run and schedule it.
+
+The pipeline is the trainer's own step functions from mnist.py -- load_data -> train -> evaluate -> export -- turned
+into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned TensorFlow image with no
+run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
+folder); only the hyperparameters travel as parameters. The evaluate step writes `mlpipeline_metrics` (accuracy as a
+percentage, loss) and `mlpipeline_ui_metadata` (confusion matrix and a markdown summary) for the run's page.
+
+    cd mnist_model && python3 mnist_pipeline.py          # compile mnist_pipeline.yaml (the file the KFP UI uploads)
+    python3 mnist_pipeline.py --run-local                # run the same pipeline here with kfp's LocalClient
+    python3 mnist_pipeline.py --host http://localhost:8080 --upload --run --wait --schedule
+
+Cluster actions (each on its own or together; order: upload, run, schedule, then wait):
+  --upload    uploads pipeline `mnist-image-classification-pipeline`; if it exists, uploads a new version named
+              `mnist-template` (then `mnist-template-2`, `-3`, ... since KFP needs version names unique per pipeline).
+  --run       starts a run of the pipeline's newest version (or the one just uploaded) in experiment `MNIST`
+              (created if missing) and prints its URL; --wait waits for it and prints the status and metrics.
+  --schedule  creates the weekly recurring run `mnist-pipeline-schedule` (max concurrency 1, no catch-up) unless a
+              recurring run with that name already exists in the experiment.
+Authentication for multi-user Kubeflow: KF_PIPELINES_COOKIE="authservice_session=..." (the browser's session
+cookie; "oauth2_proxy_kubeflow=..." on Kubeflow 1.9+) or KF_PIPELINES_TOKEN=<bearer token>; in a Kubeflow notebook
+with the "Allow access to Kubeflow Pipelines" configuration the projected token file
+/var/run/secrets/kubeflow/pipelines/token is used automatically.
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+
+import kfp
+import kfp_server_api
+import urllib3
+import yaml
+from kfp import components, dsl
+from kfp.components._yaml_utils import dump_yaml
+
+import mnist
+
+PIPELINE_NAME = 'mnist-image-classification-pipeline'
+PIPELINE_DESCRIPTION = 'Pipeline for MNIST Image Classification'
+VERSION_NAME = 'mnist-template'
+VERSION_DESCRIPTION = 'mnist pipeline template'
+EXPERIMENT_NAME = 'MNIST'
+SCHEDULE_NAME = 'mnist-pipeline-schedule'
+SCHEDULE_DESCRIPTION = 'MNIST Image Classification Model Workflow. 1 Weeks'
+SCHEDULE_INTERVAL_SECONDS = 7 * 24 * 60 * 60
+# The steps need only TensorFlow 2.19 (requirements.txt pins tensorflow-cpu 2.19.1; 2.19.0 is the image tag we could
+# verify), its NumPy and the standard library: every step runs in this image with nothing installed at run time.
+BASE_IMAGE = 'tensorflow/tensorflow:2.19.0'
+# The public copy of the Keras-layout MNIST npz; an air-gapped cluster points data_url at an internal mirror.
+DEFAULT_DATA_URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
+PACKAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_pipeline.yaml')
+COMPILATION_TIME_ANNOTATION = 'pipelines.kubeflow.org/pipeline_compilation_time'
+TOKEN_FILE = '/var/run/secrets/kubeflow/pipelines/token'
+POLL_SECONDS = 10
+
+load_data_op = components.create_component_from_func(mnist.load_data, base_image=BASE_IMAGE)
+train_op = components.create_component_from_func(mnist.train, base_image=BASE_IMAGE)
+evaluate_op = components.create_component_from_func(mnist.evaluate, base_image=BASE_IMAGE)
+export_op = components.create_component_from_func(mnist.export, base_image=BASE_IMAGE)
+
+DEFAULTS = mnist.HYPERPARAMETER_DEFAULTS
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
+                   num_hidden_layer_2: int = DEFAULTS['num_hidden_layer_2'],
+                   dropout: float = DEFAULTS['dropout'],
+                   learning_rate: float = DEFAULTS['learning_rate'],
+                   epoch: int = DEFAULTS['epoch'],
+                   batch_size: int = DEFAULTS['batch_size'],
+                   seed: int = DEFAULTS['seed'],
+                   data_url: str = DEFAULT_DATA_URL):
+    """Load MNIST, train the MLP, evaluate it on the test set and export a SavedModel version.
+
+    dropout is the KEEP probability (1.0 = no dropout); epoch is the number of training steps (mini-batches).
+    """
+    data = load_data_op(data=data_url)
+    model = train_op(dataset=data.outputs['dataset'], num_hidden_layer_1=num_hidden_layer_1,
+                     num_hidden_layer_2=num_hidden_layer_2, dropout=dropout, learning_rate=learning_rate,
+                     epoch=epoch, batch_size=batch_size, seed=seed)
+    evaluation = evaluate_op(dataset=data.outputs['dataset'], model=model.outputs['model'])
+    exported = export_op(model=model.outputs['model'], metrics=evaluation.outputs['metrics'])
+    # A scheduled weekly run must really re-read the data and retrain, not reuse cached results of the last week.
+    for task in (data, model, evaluation, exported):
+        task.execution_options.caching_strategy.max_cache_staleness = 'P0D'
+
+
+def compile_pipeline(package_path: str) -> str:
+    """Compile the pipeline to a KFP v1 YAML package (written atomically) and return its path."""
+    folder = os.path.dirname(os.path.abspath(package_path))
+    with tempfile.TemporaryDirectory(dir=folder, prefix='.compile-') as work_dir:
+        temporary_path = os.path.join(work_dir, 'pipeline.yaml')
+        kfp.compiler.Compiler().compile(mnist_pipeline, temporary_path)
+        with open(temporary_path, encoding='utf-8') as package:
+            workflow = yaml.safe_load(package)
+        # kfp stamps the compile time into the Workflow; without it the committed YAML regenerates identically.
+        # dump_yaml is the writer kfp's compiler uses, so the rest of the file is byte for byte kfp's output.
+        del workflow['metadata']['annotations'][COMPILATION_TIME_ANNOTATION]
+        with open(temporary_path, 'w', encoding='utf-8') as package:
+            package.write(dump_yaml(workflow))
+        os.replace(temporary_path, package_path)
+    return package_path
+
+
+class _StepLog(logging.Handler):
+    """Collects what kfp's LocalClient logs: it names each task, then logs the task's stdout and stderr."""
+
+    def __init__(self, echo):
+        super().__init__(logging.INFO)
+        self.echo = echo
+        self.task = None
+        self.stderr = {}
+
+    def emit(self, record):
+        if not record.name == 'root' or not isinstance(record.msg, str):
+            return
+        if record.msg.startswith('start task'):
+            self.task = str(record.args[0]) if record.args else record.getMessage()
+            self.echo(f'[{self.task}] running')
+        elif record.levelno == logging.INFO and self.task:
+            for line in record.getMessage().splitlines():
+                self.echo(f'[{self.task}] {line}')
+        elif record.levelno >= logging.ERROR and self.task:
+            self.stderr[self.task] = record.getMessage()
+
+    def failure(self) -> str:
+        """The last line of the failed task's stderr, which holds the exception and its one-line message."""
+        lines = [line for line in self.stderr.get(self.task, '').splitlines() if line.strip()]
+        return f'step {self.task} failed: {lines[-1] if lines else "no error output"}'
+
+
+class _LocalClient(kfp.LocalClient):
+    """kfp 1.8's LocalClient, with the mlpipeline_metrics and mlpipeline_ui_metadata outputs kept in the run's folder.
+
+    kfp treats those two outputs specially and its LocalClient leaves them at the literal /tmp/outputs/... paths of
+    the container, shared by every local run on the machine; this puts them next to the step's other outputs and
+    records where: special_outputs[(op name, 'mlpipeline-metrics' or 'mlpipeline-ui-metadata')] = path.
+    """
+
+    def __init__(self, pipeline_root: str):
+        super().__init__(pipeline_root=pipeline_root)
+        self.special_outputs = {}
+
+    def _generate_cmd_for_subprocess_execution(self, run_name, pipeline, op, stack):
+        command = super()._generate_cmd_for_subprocess_execution(run_name, pipeline, op, stack)
+        for output_name, container_path in op.output_artifact_paths.items():
+            local_path = self._make_output_file_path_unique(run_name, op.name, container_path)
+            os.makedirs(os.path.dirname(local_path), exist_ok=True)
+            command = [local_path if item == container_path else item for item in command]
+            self.special_outputs[op.name, output_name] = local_path
+        return command
+
+
+def run_local(data: str, hparams: dict, pipeline_root: str, echo=print) -> dict:
+    """Run the pipeline in local processes with kfp's LocalClient; return the output paths and the test metrics.
+
+    Raises RuntimeError with a one-line message if a step fails.
+    """
+    pipeline_root = os.path.abspath(pipeline_root)
+    os.makedirs(pipeline_root, exist_ok=True)
+    # LocalClient runs each step as `python3 <program>`: make that the interpreter running this script. A wrapper
+    # rather than a symlink, so that a virtual environment's python still finds its pyvenv.cfg and packages.
+    bin_dir = tempfile.mkdtemp(prefix='.python-', dir=pipeline_root)
+    wrapper_path = os.path.join(bin_dir, 'python3')
+    with open(wrapper_path, 'w', encoding='utf-8') as wrapper:
+        wrapper.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    os.chmod(wrapper_path, 0o755)
+    saved_environment = {name: os.environ.get(name) for name in ('PATH', 'TF_CPP_MIN_LOG_LEVEL')}
+    os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    step_log = _StepLog(echo)
+    root_logger = logging.getLogger()
+    saved_level = root_logger.level
+    root_logger.addHandler(step_log)
+    root_logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)
+            client = _LocalClient(pipeline_root=pipeline_root)
+        arguments = dict(hparams, data_url=data)
+        result = client.create_run_from_pipeline_func(
+            mnist_pipeline, arguments=arguments,
+            execution_mode=kfp.LocalClient.ExecutionMode(mode=kfp.LocalClient.ExecutionMode.LOCAL))
+    finally:
+        root_logger.removeHandler(step_log)
+        root_logger.setLevel(saved_level)
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        shutil.rmtree(bin_dir, ignore_errors=True)
+    # kfp 1.8 returns None (not True) when every step succeeded, False when one failed.
+    if result.success() is False:
+        raise RuntimeError(step_log.failure())
+    outputs = {
+        'dataset': result.get_output_file('load-data', 'dataset'),
+        'model': result.get_output_file('train', 'model'),
+        'metrics': result.get_output_file('evaluate', 'metrics'),
+        'mlpipeline_metrics': client.special_outputs['evaluate', 'mlpipeline-metrics'],
+        'mlpipeline_ui_metadata': client.special_outputs['evaluate', 'mlpipeline-ui-metadata'],
+        'export_dir': result.get_output_file('export', 'export_dir'),
+    }
+    with open(outputs['metrics'], encoding='utf-8') as metrics_file:
+        metrics = json.load(metrics_file)
+    with open(result.get_output_file('export', 'Output'), encoding='utf-8') as version_file:
+        model_version = int(version_file.read().strip())
+    return {'run_id': result.run_id, 'outputs': outputs, 'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
+            'model_version': model_version}
+
+
+def read_credentials() -> dict:
+    """Session cookie and bearer token for a multi-user Kubeflow, from the environment or the notebook's token file."""
+    cookie = os.environ.get('KF_PIPELINES_COOKIE') or None
+    token = os.environ.get('KF_PIPELINES_TOKEN') or None
+    if token is None and cookie is None and os.path.isfile(TOKEN_FILE):
+        with open(TOKEN_FILE, encoding='utf-8') as token_file:
+            token = token_file.read().strip() or None
+    return {'cookie': cookie, 'token': token}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def check_host(host: str, credentials: dict, timeout: float = 10.0) -> dict:
+    """Ask the KFP API's healthz endpoint once, so that a wrong URL or refused login is one clear error.
+
+    kfp.Client itself retries healthz for 25 s and then raises a long traceback. Returns the healthz answer
+    (e.g. {"multi_user": true}); raises ConnectionError or PermissionError with a one-line message.
+    """
+    request = urllib.request.Request(host.rstrip('/') + '/apis/v1beta1/healthz')
+    if credentials['cookie']:
+        request.add_header('Cookie', credentials['cookie'])
+    if credentials['token']:
+        request.add_header('Authorization', 'Bearer ' + credentials['token'])
+    login_hint = ('set KF_PIPELINES_COOKIE to your browser\'s Kubeflow session cookie ("authservice_session=..." '
+                  'or "oauth2_proxy_kubeflow=...") or KF_PIPELINES_TOKEN to a bearer token')
+    try:
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            raise PermissionError(f'{host} refused the credentials (HTTP {error.code}): {login_hint}') from None
+        if 300 <= error.code < 400:
+            raise PermissionError(f'{host} redirected to a login page (HTTP {error.code}): {login_hint}') from None
+        raise ConnectionError(f'{host} is not a Kubeflow Pipelines API endpoint (HTTP {error.code} for '
+                              f'/apis/v1beta1/healthz); use e.g. https://<kubeflow host>/pipeline or '
+                              f'http://localhost:8080 (kubectl port-forward svc/ml-pipeline-ui)') from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, 'reason', error)
+        raise ConnectionError(f'cannot reach Kubeflow Pipelines at {host}: {reason}') from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        # Auth proxies in front of Kubeflow answer with an HTML login page instead of the API's JSON.
+        raise PermissionError(f'{host} answered with a web page, not the KFP API (a login page?): '
+                              f'{login_hint}') from None
+
+
+def connect(host: str, namespace: str = None, needs_namespace: bool = False) -> 'kfp.Client':
+    """A kfp.Client for the host, after checking that it answers and accepts the credentials.
+
+    Experiments, runs and schedules of a multi-user Kubeflow live in the user's profile namespace: from --namespace,
+    or (as kfp.Client finds it) the notebook pod's service account or ~/.config/kfp/context.json. With
+    needs_namespace, ValueError if the cluster is multi-user and no namespace is known.
+    """
+    credentials = read_credentials()
+    healthz = check_host(host, credentials)
+    # kfp.Client treats namespace 'kubeflow' as "not given" and then uses ~/.config/kfp/context.json.
+    client = kfp.Client(host=host, namespace=namespace or 'kubeflow', cookies=credentials['cookie'],
+                        existing_token=credentials['token'])
+    if needs_namespace and healthz.get('multi_user') and not client.get_user_namespace():
+        raise ValueError(f'{host} is a multi-user Kubeflow: give --namespace <your profile namespace>, '
+                         f'e.g. kubeflow-user-example-com')
+    return client
+
+
+def _list_all(list_page, items_attribute: str) -> list:
+    """All items of a paginated KFP list call."""
+    items, page_token = [], ''
+    while True:
+        response = list_page(page_token)
+        items.extend(getattr(response, items_attribute) or [])
+        page_token = response.next_page_token
+        if not page_token:
+            return items
+
+
+def unique_version_name(base_name: str, existing_names) -> str:
+    """base_name, or base_name-2, -3, ... : the first one not yet used (KFP rejects duplicate version names)."""
+    existing_names = set(existing_names)
+    name, number = base_name, 1
+    while name in existing_names:
+        number += 1
+        name = f'{base_name}-{number}'
+    return name
+
+
+def upload_pipeline(client, package_path: str, echo=print) -> dict:
+    """Upload the package as a new pipeline, or as a new version if the pipeline exists; return its ids."""
+    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    if pipeline_id is None:
+        pipeline = client.upload_pipeline(package_path, pipeline_name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
+        version_id = pipeline.default_version.id if pipeline.default_version else None
+        echo(f'Uploaded pipeline {PIPELINE_NAME} (id {pipeline.id})')
+        return {'pipeline_id': pipeline.id, 'version_id': version_id}
+    versions = _list_all(lambda token: client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100),
+                         'versions')
+    name = unique_version_name(VERSION_NAME, [version.name for version in versions])
+    version = client.upload_pipeline_version(package_path, name, pipeline_id=pipeline_id,
+                                             description=VERSION_DESCRIPTION)
+    echo(f'Uploaded version {name} (id {version.id}) of pipeline {PIPELINE_NAME} (id {pipeline_id})')
+    return {'pipeline_id': pipeline_id, 'version_id': version.id}
+
+
+def find_pipeline(client, echo=print) -> dict:
+    """The ids of the pipeline and of its newest version; LookupError if it was never uploaded.
+
+    The newest by creation time, not the pipeline's default version: whether an upload moves the default depends on
+    the KFP server's configuration.
+    """
+    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    if pipeline_id is None:
+        raise LookupError(f'pipeline {PIPELINE_NAME} not found: upload it first with --upload')
+    versions = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by='created_at desc').versions
+    if not versions:
+        raise LookupError(f'pipeline {PIPELINE_NAME} has no versions: upload one with --upload')
+    echo(f'Using version {versions[0].name} (id {versions[0].id}) of pipeline {PIPELINE_NAME}')
+    return {'pipeline_id': pipeline_id, 'version_id': versions[0].id}
+
+
+def start_run(client, experiment_id: str, pipeline: dict, params: dict) -> 'kfp_server_api.ApiRun':
+    """Start one run of the pipeline version in the experiment."""
+    run_name = f'{PIPELINE_NAME}-{datetime.datetime.now().strftime("%Y%m%d-%H%M%S")}'
+    return client.run_pipeline(experiment_id, run_name, params=params, pipeline_id=pipeline['pipeline_id'],
+                               version_id=pipeline['version_id'])
+
+
+def schedule_pipeline(client, experiment_id: str, pipeline: dict, params: dict, echo=print):
+    """Create the weekly recurring run unless one with its name exists in the experiment; return the job."""
+    jobs = _list_all(lambda token: client.list_recurring_runs(page_token=token, page_size=100,
+                                                              experiment_id=experiment_id), 'jobs')
+    for job in jobs:
+        if job.name == SCHEDULE_NAME:
+            echo(f'Recurring run {SCHEDULE_NAME} already exists (id {job.id}); not creating another')
+            return job
+    job = client.create_recurring_run(
+        experiment_id, SCHEDULE_NAME, description=SCHEDULE_DESCRIPTION, interval_second=SCHEDULE_INTERVAL_SECONDS,
+        max_concurrency=1, no_catchup=True, params=params, pipeline_id=pipeline['pipeline_id'],
+        version_id=pipeline['version_id'])
+    echo(f'Created recurring run {SCHEDULE_NAME} (id {job.id}): every {SCHEDULE_INTERVAL_SECONDS} s, '
+         f'max concurrency 1, no catch-up')
+    return job
+
+
+def wait_for_run(client, run_id: str, timeout: float):
+    """Poll the run every POLL_SECONDS until it finishes; return the final ApiRun. TimeoutError after timeout s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = client.get_run(run_id).run
+        if (run.status or '').lower() in ('succeeded', 'failed', 'error', 'skipped'):
+            return run
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'run {run_id} still {run.status or "pending"} after {timeout:.0f} s')
+        time.sleep(POLL_SECONDS)
+
+
+def format_run_metrics(run) -> str:
+    """The metrics KFP read from the run's mlpipeline_metrics, e.g. 'accuracy 98.12 % | loss 0.0634'."""
+    parts = []
+    for metric in run.metrics or []:
+        unit = ' %' if metric.format == 'PERCENTAGE' else ''
+        parts.append(f'{metric.name} {metric.number_value:.4g}{unit}')
+    return ' | '.join(parts) or 'no metrics reported'
+
+
+def run_cluster_actions(args, params: dict) -> int:
+    """Do --upload, --run, --schedule and --wait against args.host; return the exit code."""
+    host = args.host.rstrip('/')
+    client = connect(host, args.namespace, needs_namespace=args.run or args.schedule)
+    pipeline = None
+    if args.upload:
+        with tempfile.TemporaryDirectory(prefix='mnist-pipeline-') as work_dir:
+            pipeline = upload_pipeline(client, compile_pipeline(os.path.join(work_dir, 'mnist_pipeline.yaml')))
+    if not (args.run or args.schedule):
+        return 0
+    pipeline = pipeline or find_pipeline(client)
+    experiment = client.create_experiment(EXPERIMENT_NAME, namespace=args.namespace)
+    run = None
+    if args.run:
+        run = start_run(client, experiment.id, pipeline, params)
+        print(f'Started run {run.name} in experiment {EXPERIMENT_NAME}: {host}/#/runs/details/{run.id}')
+    if args.schedule:
+        schedule_pipeline(client, experiment.id, pipeline, params)
+    if run is not None and args.wait:
+        run = wait_for_run(client, run.id, args.timeout)
+        print(f'Run {run.name} finished: {run.status}; {format_run_metrics(run)}')
+        if run.status.lower() != 'succeeded':
+            return 1
+    return 0
+
+
+def _http_url(text: str) -> str:
+    if not re.match(r'^https?://[^/\s]+', text):
+        raise argparse.ArgumentTypeError(f'expected an http:// or https:// URL, got {text!r}')
+    return text
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'expected a number of seconds > 0, got {text!r}')
+    return value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description='Compile the MNIST KFP v1 pipeline (default), run it locally, or upload/run/schedule it on a '
+                    'Kubeflow Pipelines cluster.',
+        epilog='Auth for multi-user Kubeflow: KF_PIPELINES_COOKIE="authservice_session=..." or '
+               'KF_PIPELINES_TOKEN=<bearer token>.')
+    parser.add_argument('--package', default=PACKAGE_PATH,
+                        help='where to write the compiled pipeline (default: mnist_pipeline.yaml next to this script)')
+    parser.add_argument('--run-local', '--run_local', dest='run_local', action='store_true',
+                        help='run the pipeline on this machine with kfp LocalClient (no Docker) on --data')
+    parser.add_argument('--pipeline_root', '--pipeline-root', default=None,
+                        help='folder for the local run\'s outputs (default: a new temporary folder)')
+    parser.add_argument('--host', type=_http_url,
+                        help='Kubeflow Pipelines API URL, e.g. http://localhost:8080 or https://<kubeflow>/pipeline')
+    parser.add_argument('--namespace', default=None,
+                        help='Kubeflow profile namespace for the experiment, runs and schedule (multi-user)')
+    parser.add_argument('--upload', action='store_true',
+                        help=f'upload pipeline {PIPELINE_NAME}, or a new version {VERSION_NAME} if it exists')
+    parser.add_argument('--run', action='store_true', help=f'start a run in experiment {EXPERIMENT_NAME}')
+    parser.add_argument('--wait', action='store_true', help='with --run: wait for the run, print status and metrics')
+    parser.add_argument('--timeout', type=_positive_seconds, default=3600.0,
+                        help='seconds --wait waits at most (default: %(default)s)')
+    parser.add_argument('--schedule', action='store_true',
+                        help=f'create the weekly recurring run {SCHEDULE_NAME} unless it exists')
+    parser.add_argument('--data_url', default=DEFAULT_DATA_URL,
+                        help='data_url parameter of cluster runs and schedules: a Keras-layout MNIST npz '
+                             '(default: %(default)s)')
+    mnist.add_hyperparameter_arguments(parser)
+    args = parser.parse_args(argv)
+    cluster_action = args.upload or args.run or args.schedule
+    if args.host and not cluster_action:
+        parser.error('--host needs at least one of --upload, --run, --schedule')
+    if cluster_action and not args.host:
+        parser.error('--upload, --run and --schedule need --host')
+    if args.wait and not args.run:
+        parser.error('--wait needs --run')
+    if args.run_local and args.host:
+        parser.error('--run-local and --host cannot be combined')
+    # Every flag given must take effect: refuse the ones the chosen mode would silently ignore.
+    if args.pipeline_root is not None and not args.run_local:
+        parser.error('--pipeline_root is for --run-local')
+    if args.package != PACKAGE_PATH and (args.run_local or cluster_action):
+        parser.error('--package is for compiling only (--upload compiles a fresh copy itself)')
+    if args.data != mnist.DEFAULT_DATA and not args.run_local:
+        parser.error('--data is for --run-local; cluster runs read --data_url (a URL the cluster can reach)')
+    if args.data_url != DEFAULT_DATA_URL and not (args.run or args.schedule):
+        parser.error('--data_url is for --run and --schedule; --run-local reads --data')
+    hparams = {name: getattr(args, name) for name in mnist.HYPERPARAMETER_DEFAULTS}
+    if hparams != mnist.HYPERPARAMETER_DEFAULTS and not (args.run_local or args.run or args.schedule):
+        parser.error('hyperparameters are for --run-local, --run and --schedule (the compiled pipeline keeps '
+                     'the defaults; its parameters are set per run)')
+    try:
+        if args.run_local:
+            return _print_local_run(args.data, hparams, args.pipeline_root)
+        if cluster_action:
+            return run_cluster_actions(args, dict(hparams, data_url=args.data_url))
+        print(f'Compiled {compile_pipeline(args.package)}')
+        return 0
+    except kfp_server_api.ApiException as error:
+        print(f'mnist_pipeline.py: error: {_describe_api_error(error)}', file=sys.stderr)
+    except urllib3.exceptions.HTTPError as error:
+        print(f'mnist_pipeline.py: error: lost the connection to {args.host}: {error}', file=sys.stderr)
+    except (OSError, ValueError, LookupError, RuntimeError, TimeoutError) as error:
+        print(f'mnist_pipeline.py: error: {error}', file=sys.stderr)
+    return 1
+
+
+def _print_local_run(data: str, hparams: dict, pipeline_root: str) -> int:
+    pipeline_root = pipeline_root or tempfile.mkdtemp(prefix='mnist-pipeline-')
+    data = os.path.abspath(data) if '://' not in data else data
+    started = time.monotonic()
+    result = run_local(data, hparams, pipeline_root)
+    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
+    for name, path in result['outputs'].items():
+        print(f'  {name:24s}{path}')
+    print(f'  {"model version":24s}{os.path.join(result["outputs"]["export_dir"], str(result["model_version"]))}')
+    print(mnist.format_metrics(result['accuracy'], result['loss']))
+    return 0
+
+
+def _describe_api_error(error) -> str:
+    """One line for an error answer of the KFP API."""
+    message = (error.reason or '').strip()
+    try:
+        body = json.loads(error.body or '{}')
+        message = body.get('error') or body.get('message') or message
+    except (TypeError, ValueError):
+        pass
+    if error.status in (401, 403):
+        return (f'Kubeflow Pipelines refused the request (HTTP {error.status}): {message}; '
+                f'check KF_PIPELINES_COOKIE / KF_PIPELINES_TOKEN and --namespace')
+    return f'Kubeflow Pipelines API error (HTTP {error.status}): {message.splitlines()[0] if message else ""}'
+
+if __name__ == '__main__':
+    sys.exit(main())

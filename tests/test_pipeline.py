@@ -1,0 +1,618 @@
+"""Tests for mnist_model/mnist_pipeline.py: the compiled KFP v1 package, a local run, and the cluster actions.
+
+The cluster actions run against a small in-process HTTP server that answers the KFP v1beta1 REST endpoints kfp.Client
+calls and records every request, so nothing here needs a network or a cluster.
+
+    python3 -m pytest -q tests/test_pipeline.py
+"""
+import ast
+import contextlib
+import csv
+import email.parser
+import email.policy
+import http.server
+import inspect
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import urllib.parse
+
+import kfp
+import numpy as np
+import pytest
+import yaml
+
+import mnist
+import mnist_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'mnist_model', 'mnist_pipeline.py')
+STEPS = {'load-data': mnist.load_data, 'train': mnist.train, 'evaluate': mnist.evaluate, 'export': mnist.export}
+PARAMETER_DEFAULTS = dict(mnist.HYPERPARAMETER_DEFAULTS, data_url=mnist_pipeline.DEFAULT_DATA_URL)
+# Tiny training for the local run: a slice of the data, small layers, a few hundred steps.
+SMALL_HPARAMS = {'num_hidden_layer_1': 64, 'num_hidden_layer_2': 32, 'epoch': 200, 'batch_size': 128}
+METRIC_NAME = re.compile(r'^[a-zA-Z]([-_a-zA-Z0-9]{0,62}[a-zA-Z0-9])?$')
+
+
+# ---------------------------------------------------------------------------------------------- compiled package
+
+@pytest.fixture(scope='module')
+def workflow(tmp_path_factory):
+    path = mnist_pipeline.compile_pipeline(str(tmp_path_factory.mktemp('compiled') / 'mnist_pipeline.yaml'))
+    with open(path, encoding='utf-8') as package:
+        text = package.read()
+    return {'text': text, 'spec': yaml.safe_load(text)}
+
+
+def _templates(workflow):
+    return {template['name']: template for template in workflow['spec']['spec']['templates']}
+
+
+def test_committed_yaml_regenerates_identically(workflow):
+    with open(mnist_pipeline.PACKAGE_PATH, encoding='utf-8') as committed:
+        assert committed.read() == workflow['text'], 'run: cd mnist_model && python3 mnist_pipeline.py'
+    assert 'pipeline_compilation_time' not in workflow['text']
+
+
+def test_workflow_names_templates_and_dag(workflow):
+    spec = workflow['spec']
+    assert spec['apiVersion'] == 'argoproj.io/v1alpha1' and spec['kind'] == 'Workflow'
+    pipeline_spec = json.loads(spec['metadata']['annotations']['pipelines.kubeflow.org/pipeline_spec'])
+    assert pipeline_spec['name'] == 'mnist-image-classification-pipeline'
+    assert pipeline_spec['description'] == 'Pipeline for MNIST Image Classification'
+    templates = _templates(workflow)
+    assert set(templates) == set(STEPS) | {'mnist-image-classification-pipeline'}
+    assert spec['spec']['entrypoint'] == 'mnist-image-classification-pipeline'
+    tasks = {task['name']: task for task in templates['mnist-image-classification-pipeline']['dag']['tasks']}
+    assert {name: sorted(task.get('dependencies', [])) for name, task in tasks.items()} == {
+        'load-data': [], 'train': ['load-data'], 'evaluate': ['load-data', 'train'], 'export': ['evaluate', 'train']}
+    # Data travels as files (artifacts) between the steps; only the hyperparameters are parameters.
+    artifacts = {name: {artifact['from'] for artifact in task['arguments'].get('artifacts', [])}
+                 for name, task in tasks.items()}
+    assert artifacts['train'] == {'{{tasks.load-data.outputs.artifacts.load-data-dataset}}'}
+    assert artifacts['evaluate'] == {'{{tasks.load-data.outputs.artifacts.load-data-dataset}}',
+                                     '{{tasks.train.outputs.artifacts.train-model}}'}
+    assert artifacts['export'] == {'{{tasks.train.outputs.artifacts.train-model}}',
+                                   '{{tasks.evaluate.outputs.artifacts.evaluate-metrics}}'}
+    train_parameters = {parameter['name'] for parameter in tasks['train']['arguments']['parameters']}
+    assert train_parameters == set(mnist.HYPERPARAMETER_DEFAULTS)
+    assert tasks['load-data']['arguments']['parameters'] == [{'name': 'data_url',
+                                                              'value': '{{inputs.parameters.data_url}}'}]
+
+
+def test_pipeline_parameters_match_the_trainer(workflow):
+    arguments = workflow['spec']['spec']['arguments']['parameters']
+    parameters = {parameter['name']: parameter['value'] for parameter in arguments}
+    assert parameters == {name: str(value) for name, value in PARAMETER_DEFAULTS.items()}
+    assert parameters['data_url'] == 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
+
+
+def test_images_are_pinned_and_nothing_is_installed_at_run_time(workflow):
+    for name in STEPS:
+        container = _templates(workflow)[name]['container']
+        assert container['image'] == mnist_pipeline.BASE_IMAGE == 'tensorflow/tensorflow:2.19.0'
+        command = ' '.join(container['command'] + container.get('args', []))
+        assert 'pip install' not in command and 'pip3 install' not in command
+    assert 'python:3.7' not in workflow['text'] and ':latest' not in workflow['text']
+    # kfp 1.8 generates a distutils import for bool parameters; Python 3.12 images have no distutils.
+    assert 'distutils' not in workflow['text']
+
+
+def test_steps_are_never_cached(workflow):
+    for name in STEPS:
+        annotations = _templates(workflow)[name]['metadata']['annotations']
+        assert annotations['pipelines.kubeflow.org/max_cache_staleness'] == 'P0D'
+
+
+def test_evaluate_emits_the_kfp_v1_metrics_and_ui_metadata_artifacts(workflow):
+    artifacts = _templates(workflow)['evaluate']['outputs']['artifacts']
+    assert {'mlpipeline-metrics', 'mlpipeline-ui-metadata'} <= {artifact['name'] for artifact in artifacts}
+
+
+def _function_definition(source: str, name: str) -> ast.FunctionDef:
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            return node
+    raise AssertionError(f'no function {name} in the component source')
+
+
+@pytest.mark.parametrize('template_name', sorted(STEPS))
+def test_component_source_is_the_step_function(workflow, template_name):
+    step = STEPS[template_name]
+    container = _templates(workflow)[template_name]['container']
+    embedded = _function_definition(container['command'][-1], step.__name__)
+    original = _function_definition(textwrap.dedent(inspect.getsource(step)), step.__name__)
+    # kfp strips the type hints (InputPath, NamedTuple, ...) from the copy; everything else must be identical.
+    original.returns = None
+    for argument in original.args.args + original.args.kwonlyargs:
+        argument.annotation = None
+    assert ast.dump(embedded) == ast.dump(original)
+
+
+# ---------------------------------------------------------------------------------------------------- local run
+
+@pytest.fixture(scope='module')
+def local_run(small_data_path, tmp_path_factory):
+    pipeline_root = tmp_path_factory.mktemp('kfp-local')
+    argv = ['--run-local', '--data', str(small_data_path), '--pipeline_root', str(pipeline_root)]
+    for name, value in SMALL_HPARAMS.items():
+        argv.append(f'--{name}={value}')
+    capture = io.StringIO()
+    with contextlib.redirect_stdout(capture):
+        exit_code = mnist_pipeline.main(argv)
+    return {'exit_code': exit_code, 'stdout': capture.getvalue(), 'root': str(pipeline_root)}
+
+
+def _printed_paths(stdout: str) -> dict:
+    paths = {}
+    for line in stdout.splitlines():
+        match = re.match(r'^  (\S+(?: \S+)?)\s{2,}(/\S+)$', line)
+        if match:
+            paths[match.group(1)] = match.group(2)
+    return paths
+
+
+def test_local_run_succeeds_and_prints_outputs_and_metrics(local_run):
+    assert local_run['exit_code'] == 0, local_run['stdout']
+    stdout = local_run['stdout']
+    assert re.search(r'^Local run mnist-image-classification-pipeline_\d+ succeeded', stdout, re.MULTILINE)
+    paths = _printed_paths(stdout)
+    assert set(paths) == {'dataset', 'model', 'metrics', 'mlpipeline_metrics', 'mlpipeline_ui_metadata',
+                          'export_dir', 'model version'}
+    for path in paths.values():
+        assert path.startswith(local_run['root']) and os.path.exists(path)
+    with open(paths['metrics'], encoding='utf-8') as metrics_file:
+        metrics = json.load(metrics_file)
+    assert metrics['test_examples'] == 1000
+    assert 0.5 < metrics['accuracy'] <= 1.0
+    assert f'accuracy={metrics["accuracy"]:.6f}' in stdout.splitlines()
+    # The trainer's progress lines of the train step are shown, tagged with the step.
+    assert any(line.startswith('[train] ') for line in stdout.splitlines())
+    # kfp's LocalClient would otherwise leave the mlpipeline outputs in the shared /tmp/outputs.
+    assert '/tmp/outputs/' not in stdout
+
+
+def test_local_run_exports_a_loadable_model_that_scores_what_evaluate_reported(local_run, small_data_path):
+    import tensorflow as tf
+    paths = _printed_paths(local_run['stdout'])
+    assert os.path.basename(paths['model version']) == '1'
+    with open(paths['metrics'], encoding='utf-8') as metrics_file:
+        metrics = json.load(metrics_file)
+    with np.load(small_data_path, allow_pickle=False) as data:
+        images, labels = data['x_test'], data['y_test']
+    serving = tf.saved_model.load(paths['model version']).signatures['serving_default']
+    outputs = serving(pixels=tf.constant(images.reshape(-1, 784).astype('float32')))
+    accuracy = float(np.mean(outputs['digit'].numpy() == labels))
+    assert accuracy == pytest.approx(metrics['accuracy'], abs=0.002)
+    assert np.allclose(outputs['probabilities'].numpy().sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_local_run_metrics_follow_the_kfp_v1_schemas(local_run):
+    paths = _printed_paths(local_run['stdout'])
+    with open(paths['metrics'], encoding='utf-8') as metrics_file:
+        metrics = json.load(metrics_file)
+    with open(paths['mlpipeline_metrics'], encoding='utf-8') as kfp_metrics_file:
+        kfp_metrics = json.load(kfp_metrics_file)
+    assert set(kfp_metrics) == {'metrics'}
+    by_name = {metric['name']: metric for metric in kfp_metrics['metrics']}
+    assert set(by_name) == {'accuracy', 'loss'}
+    for metric in kfp_metrics['metrics']:
+        assert METRIC_NAME.match(metric['name'])
+        assert isinstance(metric['numberValue'], (int, float)) and metric['format'] in ('RAW', 'PERCENTAGE')
+    assert by_name['accuracy']['format'] == 'PERCENTAGE'
+    assert by_name['accuracy']['numberValue'] == pytest.approx(100 * metrics['accuracy'], abs=1e-4)
+    assert by_name['loss']['numberValue'] == pytest.approx(metrics['loss'], rel=1e-4)
+
+    with open(paths['mlpipeline_ui_metadata'], encoding='utf-8') as ui_file:
+        ui_metadata = json.load(ui_file)
+    viewers = {output['type']: output for output in ui_metadata['outputs']}
+    assert set(viewers) == {'confusion_matrix', 'markdown'}
+    matrix = viewers['confusion_matrix']
+    assert matrix['format'] == 'csv' and matrix['storage'] == 'inline'
+    assert [column['name'] for column in matrix['schema']] == ['target', 'predicted', 'count']
+    assert matrix['labels'] == [str(digit) for digit in range(10)]
+    rows = list(csv.reader(io.StringIO(matrix['source'])))
+    assert len(rows) == 100
+    counts = {(target, predicted): int(count) for target, predicted, count in rows}
+    assert sum(counts.values()) == metrics['test_examples']
+    correct = sum(counts[str(digit), str(digit)] for digit in range(10))
+    assert correct / metrics['test_examples'] == pytest.approx(metrics['accuracy'], abs=1e-6)
+    markdown = viewers['markdown']
+    assert markdown['storage'] == 'inline' and markdown['source'].strip()
+
+
+def test_local_run_failure_is_one_clear_line(tmp_path, capsys):
+    exit_code = mnist_pipeline.main(['--run-local', '--data', str(tmp_path / 'missing.npz'),
+                                     '--pipeline_root', str(tmp_path / 'root')])
+    assert exit_code == 1
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1
+    assert error_lines[0].startswith('mnist_pipeline.py: error: step load-data failed: ')
+    assert 'missing.npz' in error_lines[0]
+
+
+# ------------------------------------------------------------------------------------------- fake KFP API server
+
+class FakeKfp:
+    """The part of the KFP v1beta1 REST API that kfp.Client uses for upload, run and schedule, kept in memory.
+
+    Lists return at most PAGE_SIZE items per page so the client's paging is exercised too.
+    """
+    PAGE_SIZE = 2
+
+    def __init__(self, cookie=None, token=None, login_redirect=False, run_statuses=('Running', 'Succeeded'),
+                 multi_user=False, errors=None):
+        self.cookie, self.token, self.login_redirect = cookie, token, login_redirect
+        self.multi_user = multi_user
+        self.errors = errors or {}  # (method, path) -> (status, answer) for requests that must fail
+        self.run_statuses = list(run_statuses)
+        self.requests = []
+        self.pipelines, self.versions, self.experiments, self.runs, self.jobs = [], [], [], [], []
+        self.next_id = 0
+
+    def new_id(self, kind):
+        self.next_id += 1
+        return f'{kind}-{self.next_id}'
+
+    def authorized(self, headers):
+        if self.cookie is None and self.token is None:
+            return True
+        return ((self.cookie is not None and headers.get('Cookie') == self.cookie) or
+                (self.token is not None and headers.get('Authorization') == f'Bearer {self.token}'))
+
+    def page(self, items, key, query):
+        start = int(query.get('page_token') or 0)
+        answer = {key: items[start:start + self.PAGE_SIZE], 'total_size': len(items)} if items else {}
+        if start + self.PAGE_SIZE < len(items):
+            answer['next_page_token'] = str(start + self.PAGE_SIZE)
+        return answer
+
+    @staticmethod
+    def name_filter(query):
+        if not query.get('filter'):
+            return None
+        predicates = json.loads(query['filter'])['predicates']
+        return next(predicate['stringValue'] for predicate in predicates if predicate['key'] == 'name')
+
+    def handle(self, method, path, query, body):
+        """Returns (status, JSON answer)."""
+        api = '/apis/v1beta1/'
+        if (method, path) in self.errors:
+            return self.errors[method, path]
+        if method == 'GET' and path == api + 'healthz':
+            return 200, {'multi_user': self.multi_user, 'commit_sha': 'fake', 'tag_name': '1.8.5'}
+        if method == 'GET' and path == api + 'pipelines':
+            name = self.name_filter(query)
+            return 200, self.page([p for p in self.pipelines if name in (None, p['name'])], 'pipelines', query)
+        if method == 'POST' and path == api + 'pipelines/upload':
+            pipeline_id = self.new_id('pipeline')
+            version = {'id': pipeline_id, 'name': query['name']}
+            pipeline = {'id': pipeline_id, 'name': query['name'], 'description': query.get('description'),
+                        'default_version': version}
+            self.pipelines.append(pipeline)
+            self.versions.append(dict(version, pipeline_id=pipeline_id))
+            return 200, pipeline
+        if method == 'POST' and path == api + 'pipelines/upload_version':
+            pipeline_id = query['pipelineid']
+            if any(v['pipeline_id'] == pipeline_id and v['name'] == query['name'] for v in self.versions):
+                return 409, {'error': 'The name ' + query['name'] + ' already exist', 'code': 6}
+            version = {'id': self.new_id('version'), 'name': query['name'], 'description': query.get('description')}
+            self.versions.append(dict(version, pipeline_id=pipeline_id))
+            # The default version stays (a KFP server setting decides whether uploads move it).
+            return 200, version
+        if method == 'GET' and path == api + 'pipeline_versions':
+            versions = [{'id': v['id'], 'name': v['name']} for v in self.versions
+                        if v['pipeline_id'] == query.get('resource_key.id')]
+            if query.get('sort_by') == 'created_at desc':
+                versions.reverse()
+            return 200, self.page(versions, 'versions', query)
+        if method == 'GET' and path == api + 'experiments':
+            name = self.name_filter(query)
+            return 200, self.page([e for e in self.experiments if name in (None, e['name'])], 'experiments', query)
+        if method == 'POST' and path == api + 'experiments':
+            experiment = dict(body, id=self.new_id('experiment'))
+            self.experiments.append(experiment)
+            return 200, experiment
+        if method == 'POST' and path == api + 'runs':
+            run = dict(body, id=self.new_id('run'), status='')
+            self.runs.append(run)
+            return 200, {'run': run}
+        if method == 'GET' and path.startswith(api + 'runs/'):
+            run = next(run for run in self.runs if run['id'] == path.rsplit('/', 1)[1])
+            run['status'] = self.run_statuses.pop(0) if self.run_statuses else run['status']
+            if run['status'] == 'Succeeded':
+                run['metrics'] = [{'name': 'accuracy', 'node_id': 'evaluate', 'number_value': 98.12,
+                                   'format': 'PERCENTAGE'},
+                                  {'name': 'loss', 'node_id': 'evaluate', 'number_value': 0.0634, 'format': 'RAW'}]
+            return 200, {'run': run}
+        if method == 'GET' and path == api + 'jobs':
+            experiment_id = query.get('resource_reference_key.id')
+            jobs = [job for job in self.jobs
+                    if experiment_id is None or job['resource_references'][0]['key']['id'] == experiment_id]
+            return 200, self.page(jobs, 'jobs', query)
+        if method == 'POST' and path == api + 'jobs':
+            job = dict(body, id=self.new_id('job'))
+            self.jobs.append(job)
+            return 200, job
+        return 404, {'error': f'no route {method} {path}', 'code': 5}
+
+    def requests_to(self, method, path):
+        return [request for request in self.requests
+                if request['method'] == method and request['path'] == '/apis/v1beta1/' + path]
+
+
+def _make_handler(fake):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _serve(self, method):
+            url = urllib.parse.urlsplit(self.path)
+            query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+            raw = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+            body = None
+            if self.headers.get_content_type() == 'multipart/form-data':
+                message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                    b'Content-Type: ' + self.headers['Content-Type'].encode() + b'\r\n\r\n' + raw)
+                body = {part.get_param('name', header='content-disposition'): part.get_payload(decode=True)
+                        for part in message.iter_parts()}
+            elif raw:
+                body = json.loads(raw)
+            fake.requests.append({'method': method, 'path': url.path, 'query': query, 'body': body,
+                                  'cookie': self.headers.get('Cookie'),
+                                  'authorization': self.headers.get('Authorization')})
+            if not fake.authorized(self.headers):
+                if fake.login_redirect:
+                    self.send_response(302)
+                    self.send_header('Location', '/dex/auth?client_id=kubeflow-oidc-authservice')
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                status, answer = 401, {'error': 'Unauthorized', 'code': 16}
+            else:
+                status, answer = fake.handle(method, url.path, query, body)
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._serve('GET')
+
+        def do_POST(self):
+            self._serve('POST')
+
+    return Handler
+
+
+@pytest.fixture
+def kfp_server(monkeypatch, tmp_path):
+    """Starts fake KFP API servers on free local ports: kfp_server(**FakeKfp options) -> (fake, url)."""
+    # Keep kfp.Client away from the user's ~/.config/kfp/context.json and the auth variables of the environment.
+    monkeypatch.setattr(kfp.Client, 'LOCAL_KFP_CONTEXT', str(tmp_path / 'kfp-context.json'))
+    monkeypatch.setattr(mnist_pipeline, 'TOKEN_FILE', str(tmp_path / 'no-token'))
+    monkeypatch.setattr(mnist_pipeline, 'POLL_SECONDS', 0.01)
+    for name in ('KF_PIPELINES_COOKIE', 'KF_PIPELINES_TOKEN', 'KF_PIPELINES_ENDPOINT', 'KF_PIPELINES_UI_ENDPOINT'):
+        monkeypatch.delenv(name, raising=False)
+    servers = []
+
+    def start(**options):
+        fake = FakeKfp(**options)
+        server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _make_handler(fake))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return fake, f'http://127.0.0.1:{server.server_address[1]}'
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def _expected_parameters(**overrides):
+    return [{'name': name, 'value': str(value)} for name, value in dict(PARAMETER_DEFAULTS, **overrides).items()]
+
+
+def _reference(references, kind):
+    return next(reference for reference in references if reference['key']['type'] == kind)
+
+
+def test_upload_run_and_schedule_on_a_fresh_cluster(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url, '--upload', '--run', '--schedule', '--epoch=1500']) == 0
+    stdout = capsys.readouterr().out
+
+    uploads = fake.requests_to('POST', 'pipelines/upload')
+    assert len(uploads) == 1
+    assert uploads[0]['query'] == {'name': 'mnist-image-classification-pipeline',
+                                   'description': 'Pipeline for MNIST Image Classification'}
+    with open(mnist_pipeline.PACKAGE_PATH, 'rb') as committed:
+        assert uploads[0]['body']['uploadfile'] == committed.read()
+    assert not fake.requests_to('POST', 'pipelines/upload_version')
+
+    assert [request['body']['name'] for request in fake.requests_to('POST', 'experiments')] == ['MNIST']
+    experiment_id = fake.experiments[0]['id']
+    pipeline = fake.pipelines[0]
+
+    (run,) = [request['body'] for request in fake.requests_to('POST', 'runs')]
+    assert run['name'].startswith('mnist-image-classification-pipeline-')
+    assert run['pipeline_spec']['pipeline_id'] == pipeline['id']
+    assert run['pipeline_spec']['parameters'] == _expected_parameters(epoch=1500)
+    references = run['resource_references']
+    assert _reference(references, 'EXPERIMENT') == {'key': {'type': 'EXPERIMENT', 'id': experiment_id},
+                                                    'relationship': 'OWNER'}
+    assert _reference(references, 'PIPELINE_VERSION')['key']['id'] == pipeline['default_version']['id']
+    assert f'{url}/#/runs/details/{fake.runs[0]["id"]}' in stdout
+
+    (job,) = [request['body'] for request in fake.requests_to('POST', 'jobs')]
+    assert job['name'] == 'mnist-pipeline-schedule'
+    assert job['description'] == 'MNIST Image Classification Model Workflow. 1 Weeks'
+    assert int(job['trigger']['periodic_schedule']['interval_second']) == 604800
+    assert 'cron_schedule' not in job['trigger']
+    assert int(job['max_concurrency']) == 1
+    assert job['no_catchup'] is True and job['enabled'] is True
+    assert job['pipeline_spec']['parameters'] == _expected_parameters(epoch=1500)
+    assert _reference(job['resource_references'], 'EXPERIMENT')['key']['id'] == experiment_id
+
+
+def test_second_upload_adds_versions_and_schedule_is_idempotent(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url, '--upload', '--schedule']) == 0
+    assert mnist_pipeline.main(['--host', url, '--upload', '--schedule']) == 0
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    capsys.readouterr()
+    assert len(fake.requests_to('POST', 'pipelines/upload')) == 1
+    versions = fake.requests_to('POST', 'pipelines/upload_version')
+    assert [request['query']['name'] for request in versions] == ['mnist-template', 'mnist-template-2']
+    assert {request['query']['description'] for request in versions} == {'mnist pipeline template'}
+    assert {request['query']['pipelineid'] for request in versions} == {fake.pipelines[0]['id']}
+    # The experiment is reused and the second --schedule finds the recurring run instead of adding one.
+    assert len(fake.requests_to('POST', 'experiments')) == 1
+    assert len(fake.requests_to('POST', 'jobs')) == 1
+
+    # With more recurring runs than fit on one page the existing one is still found.
+    fake.jobs[0:0] = [dict(fake.jobs[0], id=f'other-{number}', name=f'other-{number}') for number in range(3)]
+    assert mnist_pipeline.main(['--host', url, '--schedule']) == 0
+    assert len(fake.requests_to('POST', 'jobs')) == 1
+    assert 'already exists' in capsys.readouterr().out
+
+
+def test_run_uses_the_newest_version_and_wait_prints_status_and_metrics(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert mnist_pipeline.main(['--host', url, '--run', '--wait', '--dropout=0.5']) == 0
+    stdout = capsys.readouterr().out
+    (run,) = [request['body'] for request in fake.requests_to('POST', 'runs')]
+    newest = fake.versions[-1]
+    assert newest['name'] == 'mnist-template'
+    assert _reference(run['resource_references'], 'PIPELINE_VERSION')['key']['id'] == newest['id']
+    assert run['pipeline_spec']['parameters'] == _expected_parameters(dropout=0.5)
+    assert len(fake.requests_to('GET', f'runs/{fake.runs[0]["id"]}')) == 2
+    assert re.search(r'finished: Succeeded; accuracy 98\.12 % \| loss 0\.0634', stdout)
+
+
+def test_failed_run_with_wait_exits_1(kfp_server, capsys):
+    fake, url = kfp_server(run_statuses=('Failed',))
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert mnist_pipeline.main(['--host', url, '--run', '--wait']) == 1
+    assert 'finished: Failed' in capsys.readouterr().out
+
+
+def test_multi_user_kubeflow_needs_a_namespace(kfp_server, capsys):
+    fake, url = kfp_server(multi_user=True)
+    # Pipelines are shared by all users; experiments, runs and schedules belong to a profile namespace.
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert mnist_pipeline.main(['--host', url, '--run', '--schedule']) == 1
+    assert 'multi-user Kubeflow: give --namespace' in capsys.readouterr().err
+    assert not fake.requests_to('POST', 'experiments') and not fake.requests_to('POST', 'runs')
+
+
+def test_namespace_goes_to_the_experiment(kfp_server, capsys):
+    fake, url = kfp_server(multi_user=True)
+    assert mnist_pipeline.main(['--host', url, '--namespace', 'kubeflow-user-example-com', '--upload', '--run']) == 0
+    (experiment,) = [request['body'] for request in fake.requests_to('POST', 'experiments')]
+    assert experiment['resource_references'] == [
+        {'key': {'type': 'NAMESPACE', 'id': 'kubeflow-user-example-com'}, 'relationship': 'OWNER'}]
+    lookups = fake.requests_to('GET', 'experiments')
+    assert lookups and all(request['query']['resource_reference_key.id'] == 'kubeflow-user-example-com'
+                           for request in lookups)
+
+
+def test_missing_pipeline_is_one_clear_line(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url, '--run']) == 1
+    error = capsys.readouterr().err.strip()
+    assert error == ('mnist_pipeline.py: error: pipeline mnist-image-classification-pipeline not found: '
+                     'upload it first with --upload')
+    assert not fake.requests_to('POST', 'runs')
+
+
+@pytest.mark.parametrize('login_redirect', [False, True])
+def test_refused_auth_is_one_clear_line(kfp_server, capsys, login_redirect):
+    fake, url = kfp_server(cookie='authservice_session=secret', login_redirect=login_redirect)
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 1
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and 'KF_PIPELINES_COOKIE' in error_lines[0]
+    assert ('login page' in error_lines[0]) == login_redirect
+    assert not fake.requests_to('POST', 'pipelines/upload')
+
+
+def test_session_cookie_and_bearer_token_are_sent(kfp_server, capsys, monkeypatch):
+    fake, url = kfp_server(cookie='authservice_session=secret')
+    monkeypatch.setenv('KF_PIPELINES_COOKIE', 'authservice_session=secret')
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert {request['cookie'] for request in fake.requests} == {'authservice_session=secret'}
+
+    fake, url = kfp_server(token='abc.def')
+    monkeypatch.delenv('KF_PIPELINES_COOKIE')
+    monkeypatch.setenv('KF_PIPELINES_TOKEN', 'abc.def')
+    assert mnist_pipeline.main(['--host', url, '--upload', '--schedule']) == 0
+    assert {request['authorization'] for request in fake.requests} == {'Bearer abc.def'}
+    assert len(fake.requests_to('POST', 'jobs')) == 1
+
+
+@pytest.mark.parametrize('status, expected', [
+    (400, 'Kubeflow Pipelines API error (HTTP 400): Invalid input error: unknown parameter'),
+    (403, 'Kubeflow Pipelines refused the request (HTTP 403): Invalid input error: unknown parameter; check '),
+])
+def test_api_errors_are_one_clear_line(kfp_server, capsys, status, expected):
+    fake, url = kfp_server(errors={('POST', '/apis/v1beta1/runs'): (
+        status, {'error': 'Invalid input error: unknown parameter', 'code': 3})})
+    assert mnist_pipeline.main(['--host', url, '--upload']) == 0
+    assert mnist_pipeline.main(['--host', url, '--run']) == 1
+    error_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith('mnist_pipeline.py: error: ' + expected)
+
+
+def test_unreachable_host_is_one_clear_line_from_the_command_line():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        closed_port = probe.getsockname()[1]
+    result = subprocess.run([sys.executable, SCRIPT, '--host', f'http://127.0.0.1:{closed_port}', '--run'],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f'mnist_pipeline.py: error: cannot reach Kubeflow Pipelines at '
+                                                  f'http://127.0.0.1:{closed_port}: [Errno 111] Connection refused']
+
+
+def test_wrong_url_is_one_clear_line(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url + '/not-kfp', '--upload']) == 1
+    assert 'is not a Kubeflow Pipelines API endpoint (HTTP 404' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--upload'], '--upload, --run and --schedule need --host'),
+    (['--host', 'http://localhost:8080'], '--host needs at least one of --upload, --run, --schedule'),
+    (['--host', 'localhost:8080', '--run'], 'expected an http:// or https:// URL'),
+    (['--host', 'http://localhost:8080', '--upload', '--wait'], '--wait needs --run'),
+    (['--run-local', '--host', 'http://localhost:8080', '--run'], '--run-local and --host cannot be combined'),
+    (['--host', 'http://localhost:8080', '--run', '--wait', '--timeout', '0'], 'expected a number of seconds > 0'),
+    (['--host', 'http://localhost:8080', '--run', '--dropout=0'], 'must be a keep probability in (0, 1]'),
+    (['--epoch=100'], 'hyperparameters are for --run-local, --run and --schedule'),
+    (['--host', 'http://localhost:8080', '--upload', '--epoch=100'], 'hyperparameters are for --run-local'),
+    (['--host', 'http://localhost:8080', '--run', '--data', 'x.npz'], '--data is for --run-local'),
+    (['--run-local', '--data_url', 'http://mirror/mnist.npz'], '--data_url is for --run and --schedule'),
+    (['--pipeline_root', '/tmp/x'], '--pipeline_root is for --run-local'),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mnist_pipeline.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unique_version_name():
+    assert mnist_pipeline.unique_version_name('mnist-template', ['mnist-image-classification-pipeline']) == \
+        'mnist-template'
+    assert mnist_pipeline.unique_version_name('mnist-template', ['mnist-template', 'mnist-template-2']) == \
+        'mnist-template-3'
