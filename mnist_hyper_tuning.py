@@ -1,0 +1,580 @@
+"""Hyperparameter tuning for the MNIST MLP: Katib trial code, the Katib Experiment manifest and a local tuner.
+
+One search space (SEARCH_SPACE below) serves all three modes:
+
+Trial mode (default) is what every Katib trial runs. It trains with the same step functions as mnist_model/mnist.py
+(no export unless --export_dir is given) and prints the result as the two lines Katib's StdOut metrics collector
+parses, e.g. `accuracy=0.981200` and `loss=0.063400`. A diverged or otherwise non-finite result is a failed trial:
+one line on stderr, exit code 1, no metric lines.
+
+    python3 mnist_hyper_tuning.py --num_hidden_layer_1=192 --num_hidden_layer_2=64 --dropout=0.5 \
+        --learning_rate=0.09 --epoch=2000
+
+Manifest mode writes the kubeflow.org/v1beta1 Experiment (committed as katib-experiment.yaml; regenerate it after
+changing the space):
+
+    python3 mnist_hyper_tuning.py --katib-experiment -o katib-experiment.yaml
+
+Local mode tunes on this machine with no cluster: trials run in parallel worker processes (each one runs this script
+in trial mode and its output is parsed with Katib's own regular expression), a line per finished trial, a final
+leaderboard, results.csv / results.json (rewritten after every trial, so Ctrl-C keeps what finished), TensorBoard logs
+of every trial under <output>/tensorboard, and the `python3 mnist.py ...` command that retrains the best trial:
+
+    python3 mnist_hyper_tuning.py --local --max_trials 12 --parallel 2 --seed 0
+"""
+import argparse
+import csv
+import io
+import itertools
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+import yaml
+
+from mnist_model import mnist
+
+
+class Parameter(NamedTuple):
+    name: str
+    type: str  # 'int' or 'double', as Katib's parameterType
+    min: float
+    max: float
+    step: float
+    description: str
+
+
+# The search space of the demo, defined once: the Katib manifest, the local tuner and the --space checks all read it.
+# dropout is the KEEP probability (1.0 = no dropout); epoch is the number of training steps (mini-batches).
+SEARCH_SPACE = (
+    Parameter('num_hidden_layer_1', 'int', 64, 256, 64, 'Units of the first hidden ReLU layer'),
+    Parameter('num_hidden_layer_2', 'int', 64, 256, 64, 'Units of the second hidden ReLU layer'),
+    Parameter('dropout', 'double', 0.25, 1.0, 0.25, 'Dropout keep probability (1.0 = no dropout)'),
+    Parameter('learning_rate', 'double', 0.01, 0.1, 0.01, 'Peak learning rate of SGD with cosine decay'),
+    Parameter('epoch', 'int', 1000, 3000, 500, 'Training steps (mini-batches)'),
+)
+OBJECTIVE_METRIC = 'accuracy'  # test accuracy, maximised
+ADDITIONAL_METRICS = ('loss',)
+DEFAULT_GOAL = 0.965
+
+# Katib's StdOut collector applies this pattern to every line of the trial's output (its default metricsFormat).
+KATIB_METRIC_PATTERN = re.compile(r'([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)')
+
+EXPERIMENT_NAME = 'mnist-classification-hyperparam'
+EXPERIMENT_DESCRIPTION = ('Hyperparameter tuning of the MNIST MLP classifier (two hidden ReLU layers): maximise test '
+                          'accuracy over the hidden layer sizes, dropout keep probability, learning rate and '
+                          'training steps.')
+KATIB_ALGORITHMS = ('random', 'grid', 'bayesianoptimization', 'tpe')
+LOCAL_ALGORITHMS = ('random', 'grid')
+# The demo's "Basic" trial thresholds. Local runs default to 2 parallel trials: this laptop-sized machine has 2 cores.
+TRIAL_COUNT_DEFAULTS = {'parallel': 3, 'max_trials': 12, 'max_failed_trials': 3}
+LOCAL_PARALLEL_DEFAULT = 2
+# The demo's notebook image, built by the repository's Dockerfile: the repository is copied to /opt/mlops-demo and
+# requirements.txt installed, so trials run this very script on the bundled data with no network access.
+DEFAULT_IMAGE = 'jupyter/mnist-tensorflow-cpu:1.0.0'
+IMAGE_REPO_DIR = '/opt/mlops-demo'
+# The profile namespace of a default Kubeflow install; Katib injects its metrics collector only in namespaces labelled
+# katib.kubeflow.org/metrics-collector-injection=enabled (profile namespaces are).
+DEFAULT_NAMESPACE = 'kubeflow-user-example-com'
+PRIMARY_CONTAINER = 'training-container'
+# Katib's defaults for a batch/v1 Job, written out so the manifest states when a trial succeeded or failed.
+JOB_SUCCESS_CONDITION = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
+JOB_FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+MNIST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(mnist.__file__)), 'mnist.py')
+RESULT_FIELDS = ('trial', 'status', 'accuracy', 'loss') + tuple(parameter.name for parameter in SEARCH_SPACE) + (
+    'started', 'seconds', 'finished', 'error', 'log')
+
+
+def grid_values(parameter):
+    """Every value of a parameter from min to max in steps of step (floats rounded so 0.3 prints as 0.3)."""
+    count = math.floor((parameter.max - parameter.min) / parameter.step + 1e-9) + 1
+    if parameter.type == 'int':
+        return [int(parameter.min + index * parameter.step) for index in range(count)]
+    return [round(parameter.min + index * parameter.step, 10) for index in range(count)]
+
+
+def count_combinations(space):
+    return math.prod(len(grid_values(parameter)) for parameter in space)
+
+
+def override_space(space, overrides):
+    """Returns the space with parameters replaced by NAME=MIN:MAX:STEP texts; raises ValueError on a bad text."""
+    by_name = {parameter.name: parameter for parameter in space}
+    for text in overrides:
+        name, _, bounds = text.partition('=')
+        if name not in by_name:
+            raise ValueError(f'--space {text}: unknown parameter {name!r} (one of {", ".join(by_name)})')
+        cast = int if by_name[name].type == 'int' else float
+        try:
+            low, high, step = (cast(value) for value in bounds.split(':'))
+        except ValueError:
+            raise ValueError(f'--space {text}: expected {name}=MIN:MAX:STEP with {by_name[name].type} values') from None
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high and step > 0):
+            raise ValueError(f'--space {text}: need MIN <= MAX and STEP > 0')
+        by_name[name] = by_name[name]._replace(min=low, max=high, step=step)
+    return tuple(by_name[parameter.name] for parameter in space)
+
+
+def propose_trials(space, algorithm, count, seed):
+    """The hyperparameters of up to `count` trials: distinct random grid points (seeded) or the grid in order."""
+    grids = [grid_values(parameter) for parameter in space]
+    names = [parameter.name for parameter in space]
+    if algorithm == 'grid':
+        points = itertools.islice(itertools.product(*grids), count)
+        return [dict(zip(names, point)) for point in points]
+    # Random search draws each parameter uniformly from its steps, as Katib's random suggestion does when a step is
+    # set; repeats are skipped because a second run of the same point teaches nothing.
+    generator = random.Random(seed)
+    chosen = []
+    seen = set()
+    while len(chosen) < min(count, count_combinations(space)):
+        point = tuple(generator.choice(grid) for grid in grids)
+        if point not in seen:
+            seen.add(point)
+            chosen.append(dict(zip(names, point)))
+    return chosen
+
+
+def format_value(value):
+    """The text of a parameter value as flags and the manifest carry it: 192, 0.25, 1.0."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def hyperparameter_flags(hparams):
+    return [f'--{name}={format_value(value)}' for name, value in hparams.items()]
+
+
+def build_trial_template(space, image):
+    """The Katib trialTemplate: a batch/v1 Job running this script in trial mode with ${trialParameters.NAME}."""
+    flags = [f'--{parameter.name}=${{trialParameters.{parameter.name}}}' for parameter in space]
+    command = ['python3', f'{IMAGE_REPO_DIR}/mnist_hyper_tuning.py'] + flags + [
+        f'--data={IMAGE_REPO_DIR}/mnist_model/data/mnist.npz']
+    container = {
+        'name': PRIMARY_CONTAINER,
+        'image': image,
+        'command': command,
+        'resources': {'requests': {'cpu': '1', 'memory': '1Gi'}, 'limits': {'memory': '2Gi'}},
+    }
+    job = {
+        'apiVersion': 'batch/v1',
+        'kind': 'Job',
+        'spec': {
+            # A failed trial (for example a diverged one) fails once instead of being retried six times.
+            'backoffLimit': 0,
+            'template': {
+                # Without the Istio sidecar the pod completes when training ends, so the Job can finish.
+                'metadata': {'annotations': {'sidecar.istio.io/inject': 'false'}},
+                'spec': {'containers': [container], 'restartPolicy': 'Never'},
+            },
+        },
+    }
+    return {
+        'primaryContainerName': PRIMARY_CONTAINER,
+        'successCondition': JOB_SUCCESS_CONDITION,
+        'failureCondition': JOB_FAILURE_CONDITION,
+        'trialParameters': [{'name': parameter.name, 'description': parameter.description,
+                             'reference': parameter.name} for parameter in space],
+        'trialSpec': job,
+    }
+
+
+def build_experiment(space, algorithm, trial_counts, goal, trial_template, namespace):
+    """The kubeflow.org/v1beta1 Experiment as a plain dict (key order is the order written to YAML)."""
+    metadata = {'name': EXPERIMENT_NAME}
+    if namespace:
+        metadata['namespace'] = namespace
+    metadata['annotations'] = {'description': EXPERIMENT_DESCRIPTION}
+    parameters = [{'name': parameter.name, 'parameterType': parameter.type,
+                   'feasibleSpace': {'min': format_value(parameter.min), 'max': format_value(parameter.max),
+                                     'step': format_value(parameter.step)}} for parameter in space]
+    return {
+        'apiVersion': 'kubeflow.org/v1beta1',
+        'kind': 'Experiment',
+        'metadata': metadata,
+        'spec': {
+            'objective': {'type': 'maximize', 'goal': goal, 'objectiveMetricName': OBJECTIVE_METRIC,
+                          'additionalMetricNames': list(ADDITIONAL_METRICS)},
+            'algorithm': {'algorithmName': algorithm},
+            'parallelTrialCount': trial_counts['parallel'],
+            'maxTrialCount': trial_counts['max_trials'],
+            'maxFailedTrialCount': trial_counts['max_failed_trials'],
+            'metricsCollectorSpec': {'collector': {'kind': 'StdOut'}},
+            'parameters': parameters,
+            'trialTemplate': trial_template,
+        },
+    }
+
+
+def experiment_yaml(experiment):
+    header = ('# Katib Experiment for the MNIST MLP. Generated by `python3 mnist_hyper_tuning.py --katib-experiment '
+              '-o katib-experiment.yaml`;\n# edit the search space there, not here. Apply: kubectl apply -f '
+              'katib-experiment.yaml\n')
+    return header + yaml.safe_dump(experiment, sort_keys=False, default_flow_style=False, width=120)
+
+
+def parse_katib_metrics(text, names):
+    """Every value Katib's StdOut collector would read for the given metric names: {name: [values]}."""
+    found = {name: [] for name in names}
+    for line in text.splitlines():
+        for match in KATIB_METRIC_PATTERN.finditer(line):
+            if match.group(1) in found:
+                try:
+                    found[match.group(1)].append(float(match.group(2)))
+                except ValueError:
+                    pass  # A name= with no number after it carries no value.
+    return found
+
+
+def run_trial(data, hparams, log_dir, export_dir, model_version):
+    """Trial mode: train and evaluate with mnist.run, print the Katib metric lines; returns the exit code."""
+    started = time.monotonic()
+    try:
+        result = mnist.run(data, hparams, log_dir=log_dir, export_dir=export_dir, model_version=model_version)
+    except (ValueError, OSError) as error:
+        print(f'error: trial failed: {error}', file=sys.stderr, flush=True)
+        return 1
+    if not (math.isfinite(result['accuracy']) and math.isfinite(result['loss'])):
+        print('error: trial failed: the test accuracy or loss is not a finite number', file=sys.stderr, flush=True)
+        return 1
+    print(f'Trial finished in {time.monotonic() - started:.1f} s', flush=True)
+    print(mnist.format_metrics(result['accuracy'], result['loss']), flush=True)
+    return 0
+
+
+def worker_environment(parallel):
+    """Environment for a trial process: a fair share of the cores, so parallel trials do not oversubscribe them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    threads = str(max(1, cores // parallel))
+    return dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=threads, TF_NUM_INTRAOP_THREADS=threads,
+                TF_NUM_INTEROP_THREADS=threads)
+
+
+def start_trial(trial_name, hparams, common_flags, output_dir, environment):
+    """Starts this script in trial mode with its output in <output>/trials/<trial>.log; returns (process, log)."""
+    log_path = os.path.join(output_dir, 'trials', f'{trial_name}.log')
+    log_dir = os.path.join(output_dir, 'tensorboard', trial_name)
+    argv = [sys.executable, os.path.abspath(__file__)] + hyperparameter_flags(hparams) + common_flags + [
+        f'--log_dir={log_dir}']
+    with open(log_path, 'w') as log_file:
+        # Own session: a Ctrl-C reaches only the tuner, which then stops the trials itself and keeps the results.
+        process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=environment,
+                                   start_new_session=True)
+    return process, log_path
+
+
+def collect_trial(record, return_code, log_path):
+    """Fills a trial record from its exit code and the metric lines of its log, read as Katib reads them."""
+    with open(log_path) as log_file:
+        text = log_file.read()
+    metrics = parse_katib_metrics(text, (OBJECTIVE_METRIC,) + ADDITIONAL_METRICS)
+    accuracy = max(metrics[OBJECTIVE_METRIC], default=math.nan)
+    loss = metrics['loss'][-1] if metrics['loss'] else math.nan
+    if return_code == 0 and math.isfinite(accuracy) and math.isfinite(loss):
+        record.update(status='succeeded', accuracy=accuracy, loss=loss)
+        return record
+    lines = [line for line in text.splitlines() if line.strip()]
+    reason = lines[-1] if lines else 'no output'
+    if return_code == 0:
+        reason = 'no finite accuracy= and loss= lines in the output'
+    record.update(status='failed', error=f'exit code {return_code}: {reason}')
+    return record
+
+
+def write_results(output_dir, records, summary):
+    """Rewrites results.json and results.csv atomically, so an interrupted run never leaves half a file."""
+    documents = {'results.json': json.dumps(dict(summary, trials=records), indent=2) + '\n'}
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=RESULT_FIELDS, extrasaction='ignore', lineterminator='\n')
+    writer.writeheader()
+    writer.writerows(records)
+    documents['results.csv'] = table.getvalue()
+    for name, text in documents.items():
+        temporary_path = os.path.join(output_dir, f'.{name}.tmp')
+        with open(temporary_path, 'w') as result_file:
+            result_file.write(text)
+        os.replace(temporary_path, os.path.join(output_dir, name))
+
+
+def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
+    """Runs the trials, `parallel` at a time; returns (records in finishing order, why it stopped or '').
+
+    stop_rule: {'goal': float, 'stop_at_goal': bool, 'max_failed_trials': int}. Results are written after every trial.
+    """
+    os.makedirs(os.path.join(output_dir, 'trials'), exist_ok=True)
+    environment = worker_environment(parallel)
+    summary = {'objective': {'metric': OBJECTIVE_METRIC, 'type': 'maximize', 'goal': stop_rule['goal']},
+               'proposed': len(trials), 'trial_flags': common_flags, 'stopped': ''}
+    pending = [(f'trial-{number:02d}', hparams) for number, hparams in enumerate(trials, 1)]
+    running = {}
+    records = []
+    stop_reason = ''
+    tuner_started = time.monotonic()
+    # The trials run in their own sessions, so a `kill` of the tuner must stop them as Ctrl-C does.
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and not stop_reason:
+                trial_name, hparams = pending.pop(0)
+                process, log_path = start_trial(trial_name, hparams, common_flags, output_dir, environment)
+                started = time.monotonic()
+                record = {'trial': trial_name, 'status': 'running', 'accuracy': None, 'loss': None, **hparams,
+                          'started': round(started - tuner_started, 1), 'seconds': None, 'finished': None,
+                          'error': '', 'log': os.path.relpath(log_path, output_dir)}
+                running[trial_name] = (process, log_path, record, started)
+            if stop_reason and not running:
+                break
+            time.sleep(0.2)
+            for trial_name, (process, log_path, record, started) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[trial_name]
+                collect_trial(record, process.returncode, log_path)
+                record.update(seconds=round(time.monotonic() - started, 1), finished=len(records) + 1)
+                records.append(record)
+                print(progress_line(record, len(trials)), flush=True)
+                stop_reason = stop_reason or check_stop(records, stop_rule)
+                write_results(output_dir, records, dict(summary, stopped=stop_reason))
+            if stop_reason and running:
+                stop_trials(running, records)
+                write_results(output_dir, records, dict(summary, stopped=stop_reason))
+    except KeyboardInterrupt:
+        stop_reason = 'interrupted'
+        stop_trials(running, records)
+        write_results(output_dir, records, dict(summary, stopped=stop_reason))
+    return records, stop_reason
+
+
+def raise_keyboard_interrupt(signal_number, frame):
+    raise KeyboardInterrupt
+
+
+def check_stop(records, stop_rule):
+    """Why the tuner must start no more trials ('' = go on), as Katib ends an Experiment."""
+    if stop_rule['stop_at_goal'] and any(record['status'] == 'succeeded' and record['accuracy'] >= stop_rule['goal']
+                                         for record in records):
+        return f'goal reached (accuracy >= {stop_rule["goal"]})'
+    failed = sum(record['status'] == 'failed' for record in records)
+    if failed >= stop_rule['max_failed_trials']:
+        return f'{failed} trials failed (--max_failed_trials {stop_rule["max_failed_trials"]})'
+    return ''
+
+
+def stop_trials(running, records):
+    """Ends the running trial processes and records them as stopped (they have no result)."""
+    for process, _, _, _ in running.values():
+        process.terminate()
+    for process, _, record, started in running.values():
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        record.update(status='stopped', seconds=round(time.monotonic() - started, 1), error='stopped by the tuner')
+        records.append(record)
+    running.clear()
+
+
+def progress_line(record, total):
+    values = ' '.join(f'{parameter.name} {format_value(record[parameter.name])}' for parameter in SEARCH_SPACE)
+    if record['status'] == 'succeeded':
+        outcome = f'accuracy {record["accuracy"]:.4f} loss {record["loss"]:.4f}'
+    else:
+        outcome = f'FAILED ({record["error"]})'
+    return f'[{record["finished"]}/{total}] {record["trial"]} {outcome} in {record["seconds"]:.0f} s | {values}'
+
+
+def leaderboard(records):
+    """The trials as a text table, best accuracy first, failed and stopped trials last."""
+    ranked = sorted(records, key=lambda record: (record['status'] != 'succeeded', -(record['accuracy'] or 0.0)))
+    names = [parameter.name for parameter in SEARCH_SPACE]
+    header = ['rank', 'trial', 'accuracy', 'loss'] + names + ['seconds', 'status']
+    rows = []
+    for rank, record in enumerate(ranked, 1):
+        succeeded = record['status'] == 'succeeded'
+        rows.append([str(rank), record['trial'], f'{record["accuracy"]:.4f}' if succeeded else '-',
+                     f'{record["loss"]:.4f}' if succeeded else '-'] + [format_value(record[name]) for name in names] + [
+                        f'{record["seconds"]:.0f}', record['status']])
+    widths = [max(len(row[column]) for row in [header] + rows) for column in range(len(header))]
+    return '\n'.join('  '.join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header] + rows)
+
+
+def retrain_command(hparams, extra_flags):
+    """The exact mnist.py command line that trains the given trial again (the demo's retrain step)."""
+    # Relative to the current folder when mnist.py is below it (the demo's view), else absolute.
+    script = os.path.relpath(MNIST_SCRIPT)
+    if script.startswith(os.pardir):
+        script = MNIST_SCRIPT
+    return shlex.join(['python3', script] + hyperparameter_flags(hparams) + extra_flags)
+
+
+def check_data(data):
+    """Validates --data once before any trial starts, with the trainer's own loader; raises ValueError/OSError."""
+    with tempfile.TemporaryDirectory() as work_dir:
+        mnist.load_data(data, os.path.join(work_dir, 'dataset.npz'))
+
+
+# Which flags each mode reads; a flag given in a mode that ignores it is an error, so every flag does what it says.
+TUNED_NAMES = tuple(parameter.name for parameter in SEARCH_SPACE)
+SEARCH_FLAGS = ('output', 'algorithm', 'max_trials', 'parallel', 'max_failed_trials', 'goal', 'space')
+MODE_FLAGS = {
+    'trial': TUNED_NAMES + ('batch_size', 'seed', 'data', 'log_dir', 'export_dir', 'model_version'),
+    'local': SEARCH_FLAGS + ('stop_at_goal', 'batch_size', 'seed', 'data'),
+    'manifest': SEARCH_FLAGS + ('image', 'namespace'),
+}
+
+
+def parse_arguments():
+    """Parses the command line and fills in each mode's defaults; returns (mode, args)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0],
+        epilog='Modes: trial mode (default) trains one trial; --katib-experiment writes the Katib manifest; --local '
+               'tunes on this machine.')
+    mode_group = parser.add_mutually_exclusive_group()
+    mode_group.add_argument('--katib-experiment', action='store_true',
+                            help='manifest mode: write the Katib v1beta1 Experiment YAML to -o FILE (default: stdout)')
+    mode_group.add_argument('--local', action='store_true',
+                            help='local mode: tune on this machine in parallel worker processes')
+    trial = parser.add_argument_group('trial mode (--batch_size, --seed and --data also apply in local mode)')
+    mnist.add_hyperparameter_arguments(trial)
+    trial.add_argument('--log_dir', default='', help="TensorBoard log folder (default: '' = no logs)")
+    trial.add_argument('--export_dir', default=None,
+                       help='also export the SavedModel under this base folder (default: no export)')
+    trial.add_argument('--model_version', type=mnist.non_negative_int, default=0,
+                       help='export version (default: %(default)s = the next free one)')
+    search = parser.add_argument_group('local and manifest modes')
+    search.add_argument('-o', '--output', default=None,
+                        help='manifest mode: YAML file (default: stdout); local mode: results folder '
+                             '(default: tuning/<UTC date-time>)')
+    search.add_argument('--algorithm', default='random', choices=KATIB_ALGORITHMS,
+                        help='search algorithm (default: %(default)s); local mode offers random and grid (the grid '
+                             'in order, last parameter fastest)')
+    search.add_argument('--max_trials', type=mnist.positive_int, default=TRIAL_COUNT_DEFAULTS['max_trials'],
+                        help='number of trials, Katib maxTrialCount (default: %(default)s)')
+    search.add_argument('--parallel', type=mnist.positive_int, default=None,
+                        help=f'trials at a time, Katib parallelTrialCount (default: {TRIAL_COUNT_DEFAULTS["parallel"]} '
+                             f'in the manifest, {LOCAL_PARALLEL_DEFAULT} locally; local trials share the CPU cores)')
+    search.add_argument('--max_failed_trials', type=mnist.positive_int,
+                        default=TRIAL_COUNT_DEFAULTS['max_failed_trials'],
+                        help='stop after this many failed trials, Katib maxFailedTrialCount (default: %(default)s)')
+    search.add_argument('--goal', type=float, default=DEFAULT_GOAL,
+                        help='objective goal: the test accuracy to reach (default: %(default)s)')
+    search.add_argument('--space', action='append', default=[], metavar='NAME=MIN:MAX:STEP',
+                        help='narrow one parameter of the search space, e.g. --space epoch=1000:2000:500 '
+                             '(repeatable; default: the table in SEARCH_SPACE)')
+    local = parser.add_argument_group('local mode (--seed seeds both the proposals and every trial\'s training)')
+    local.add_argument('--stop_at_goal', action='store_true',
+                       help='start no more trials once one reaches --goal, and stop the running ones')
+    cluster = parser.add_argument_group('manifest mode')
+    cluster.add_argument('--image', default=DEFAULT_IMAGE, help='trial image, the demo notebook image '
+                                                                '(default: %(default)s)')
+    cluster.add_argument('--namespace', default=DEFAULT_NAMESPACE,
+                         help="Experiment namespace (default: %(default)s; '' = leave it out and use kubectl -n)")
+    # Parsing into a namespace whose mode-specific values are None keeps argparse from filling in defaults, so a flag
+    # given in a mode that ignores it can be told apart from one left at its default.
+    flag_names = sorted(set().union(*MODE_FLAGS.values()))
+    args = parser.parse_args(namespace=argparse.Namespace(**{name: None for name in flag_names}))
+
+    mode = 'manifest' if args.katib_experiment else 'local' if args.local else 'trial'
+    misplaced = [name for name in flag_names if name not in MODE_FLAGS[mode] and getattr(args, name) is not None]
+    if misplaced:
+        hint = ' (narrow the search space with --space NAME=MIN:MAX:STEP)' if misplaced[0] in TUNED_NAMES else ''
+        parser.error(f'--{misplaced[0]} does not apply in {mode} mode{hint}')
+    for name in flag_names:
+        if getattr(args, name) is None:
+            setattr(args, name, parser.get_default(name))
+    if args.parallel is None:
+        args.parallel = LOCAL_PARALLEL_DEFAULT if mode == 'local' else TRIAL_COUNT_DEFAULTS['parallel']
+    if mode == 'trial':
+        return mode, args
+    try:
+        args.space = override_space(SEARCH_SPACE, args.space)
+    except ValueError as error:
+        parser.error(str(error))
+    if mode == 'local' and args.algorithm not in LOCAL_ALGORITHMS:
+        parser.error(f'--algorithm {args.algorithm} runs on Katib only; local mode offers '
+                     f'{" and ".join(LOCAL_ALGORITHMS)}')
+    if args.algorithm == 'grid' and args.max_trials > count_combinations(args.space):
+        parser.error(f'--max_trials {args.max_trials} exceeds the {count_combinations(args.space)} grid points of the '
+                     f'search space (Katib rejects that too)')
+    if mode == 'manifest' and max(args.parallel, args.max_failed_trials) > args.max_trials:
+        parser.error('--parallel and --max_failed_trials must not exceed --max_trials (Katib rejects that)')
+    return mode, args
+
+
+def main():
+    mode, args = parse_arguments()
+    if mode == 'trial':
+        # TensorFlow's start-up notices say nothing a trial's reader can act on (mnist.py quiets them the same way).
+        os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+        hparams = {name: getattr(args, name) for name in TUNED_NAMES + ('batch_size', 'seed')}
+        return run_trial(args.data, hparams, args.log_dir, args.export_dir, args.model_version)
+    if mode == 'local':
+        return tune_command(args)
+    trial_counts = {name: getattr(args, name) for name in TRIAL_COUNT_DEFAULTS}
+    experiment = build_experiment(args.space, args.algorithm, trial_counts, args.goal,
+                                  build_trial_template(args.space, args.image), args.namespace)
+    text = experiment_yaml(experiment)
+    if not args.output:
+        sys.stdout.write(text)
+        return 0
+    with open(args.output, 'w') as manifest_file:
+        manifest_file.write(text)
+    print(f'Wrote the Katib Experiment {EXPERIMENT_NAME} to {args.output}', file=sys.stderr)
+    return 0
+
+
+def tune_command(args):
+    """Local mode from the parsed flags: check the data, run the trials, report; returns the exit code."""
+    output_dir = args.output or os.path.join('tuning', time.strftime('%Y%m%d-%H%M%S', time.gmtime()))
+    if os.path.exists(os.path.join(output_dir, 'results.json')):
+        print(f'error: {output_dir} already holds results.json; choose another --output', file=sys.stderr)
+        return 1
+    try:
+        check_data(args.data)
+    except (ValueError, OSError) as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    trials = propose_trials(args.space, args.algorithm, args.max_trials, args.seed)
+    # Flags every trial shares, and the ones the retrain command needs to reproduce the best trial.
+    extra_flags = [] if args.data == mnist.DEFAULT_DATA else [f'--data={args.data}']
+    for name in ('batch_size', 'seed'):
+        if getattr(args, name) != mnist.HYPERPARAMETER_DEFAULTS[name]:
+            extra_flags.append(f'--{name}={getattr(args, name)}')
+    common_flags = [f'--data={args.data}', f'--batch_size={args.batch_size}', f'--seed={args.seed}']
+    print(f'Tuning: {len(trials)} trials ({args.algorithm}, seed {args.seed}), {args.parallel} at a time; results in '
+          f'{output_dir}', flush=True)
+    stop_rule = {'goal': args.goal, 'stop_at_goal': args.stop_at_goal, 'max_failed_trials': args.max_failed_trials}
+    records, stop_reason = tune_locally(trials, common_flags, output_dir, args.parallel, stop_rule)
+    if stop_reason:
+        print(f'Stopped: {stop_reason}')
+    if records:
+        print('\n' + leaderboard(records))
+    print(f'\nResults: {os.path.join(output_dir, "results.csv")} and results.json; TensorBoard: tensorboard --logdir '
+          f'{os.path.join(output_dir, "tensorboard")}')
+    succeeded = [record for record in records if record['status'] == 'succeeded']
+    if not succeeded:
+        print('error: no trial succeeded; see the logs in ' + os.path.join(output_dir, 'trials'), file=sys.stderr)
+        return 130 if stop_reason == 'interrupted' else 1
+    best = max(succeeded, key=lambda record: record['accuracy'])
+    best_hparams = {name: best[name] for name in TUNED_NAMES}
+    print(f'\nBest trial {best["trial"]}: accuracy {best["accuracy"]:.4f}. Retrain with the tuned values:')
+    print(retrain_command(best_hparams, extra_flags))
+    if stop_reason == 'interrupted':
+        return 130
+    # Like a Katib Experiment that hit maxFailedTrialCount, a run that stopped on failures is a failed run.
+    return 1 if sum(record['status'] == 'failed' for record in records) >= args.max_failed_trials else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Tests of mnist_hyper_tuning.py: Katib trial output, the Katib Experiment manifest, and the local tuner.
+
+The trial and tuner tests run the real script in subprocesses on the small data slice for a few dozen steps; the
+manifest is checked against the rules of Katib's v1beta1 admission webhook (pkg/webhook/v1beta1/experiment/validator).
+Run: python -m pytest -q tests/test_hyper_tuning.py
+"""
+import csv
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import mnist_hyper_tuning as tuning
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, 'mnist_hyper_tuning.py')
+MANIFEST = os.path.join(REPO, 'katib-experiment.yaml')
+# A space small enough for seconds-long trials on the data slice: one point apart from epoch and learning rate.
+TINY_SPACE = ['--space', 'num_hidden_layer_1=32:32:32', '--space', 'num_hidden_layer_2=16:16:16',
+              '--space', 'dropout=1.0:1.0:0.25']
+
+
+def run_script(flags, timeout=180, **options):
+    return subprocess.run([sys.executable, SCRIPT] + flags, capture_output=True, text=True, timeout=timeout,
+                          cwd=options.pop('cwd', REPO), **options)
+
+
+def version_folders():
+    """The integer version folders in mnist_model/, where mnist.py exports by default."""
+    return sorted(name for name in os.listdir(os.path.join(REPO, 'mnist_model')) if name.isdigit())
+
+
+def katib_values(text):
+    """What Katib's StdOut collector reads from a trial's merged stdout and stderr."""
+    return tuning.parse_katib_metrics(text, ('accuracy', 'loss'))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Katib's admission webhook rules, restated from validator.go (ValidateExperiment and the functions it calls).
+# ---------------------------------------------------------------------------------------------------------------------
+KATIB_NAME = re.compile(r'[a-z]([-a-z0-9]*[a-z0-9])?')
+KATIB_LEFTOVER_PARAMETER = re.compile(r'\$\{trialParameters\..+?\}')
+KATIB_ALGORITHM_NAMES = {'random', 'grid', 'bayesianoptimization', 'tpe', 'multivariate-tpe', 'cmaes', 'hyperband'}
+
+
+def webhook_errors(experiment):
+    """The rule violations Katib's validating webhook would report for this Experiment (empty = admitted)."""
+    errors = []
+    spec = experiment['spec']
+    if not KATIB_NAME.fullmatch(experiment['metadata']['name']):
+        errors.append('metadata.name does not match the naming convention')
+    max_trials, parallel, max_failed = (spec.get(key) for key in
+                                        ('maxTrialCount', 'parallelTrialCount', 'maxFailedTrialCount'))
+    if max_failed is not None and max_failed < 0:
+        errors.append('maxFailedTrialCount < 0')
+    if max_trials is not None and max_trials <= 0:
+        errors.append('maxTrialCount <= 0')
+    if parallel is not None and parallel <= 0:
+        errors.append('parallelTrialCount <= 0')
+    if None not in (max_failed, max_trials) and max_failed > max_trials:
+        errors.append('maxFailedTrialCount > maxTrialCount')
+    if None not in (parallel, max_trials) and parallel > max_trials:
+        errors.append('parallelTrialCount > maxTrialCount')
+    objective = spec.get('objective') or {}
+    if objective.get('type') not in ('maximize', 'minimize'):
+        errors.append('objective.type must be maximize or minimize')
+    if not objective.get('objectiveMetricName'):
+        errors.append('objective.objectiveMetricName missing')
+    metric_names = [objective.get('objectiveMetricName')] + objective.get('additionalMetricNames', [])
+    if len(set(metric_names)) != len(metric_names):
+        errors.append('metric names repeated')
+    if spec.get('algorithm', {}).get('algorithmName') not in KATIB_ALGORITHM_NAMES:
+        errors.append('unknown algorithm')
+    parameters = spec.get('parameters') or []
+    if not parameters:
+        errors.append('spec.parameters must be specified')
+    for parameter in parameters:
+        space = parameter.get('feasibleSpace') or {}
+        if parameter.get('parameterType') not in ('int', 'double', 'categorical', 'discrete'):
+            errors.append(f'{parameter.get("name")}: unsupported parameterType')
+        if not space:
+            errors.append(f'{parameter.get("name")}: feasibleSpace missing')
+        elif parameter['parameterType'] in ('int', 'double'):
+            if space.get('list'):
+                errors.append(f'{parameter["name"]}: list given for {parameter["parameterType"]}')
+            if not space.get('min') or not space.get('max'):
+                errors.append(f'{parameter["name"]}: min or max missing')
+            if not all(isinstance(space.get(key, ''), str) for key in ('min', 'max', 'step')):
+                errors.append(f'{parameter["name"]}: feasibleSpace values must be strings')
+    template = spec.get('trialTemplate') or {}
+    if not template.get('primaryContainerName'):
+        errors.append('trialTemplate.primaryContainerName missing')
+    if not template.get('successCondition') or not template.get('failureCondition'):
+        errors.append('trialTemplate success/failure condition missing')
+    trial_spec = template.get('trialSpec')
+    if trial_spec is None or template.get('trialParameters') is None:
+        return errors + ['trialTemplate.trialSpec or trialParameters missing']
+    # The webhook substitutes each trial parameter into the template's JSON text and looks for what is left.
+    template_text = json.dumps(trial_spec)
+    experiment_parameter_names = {parameter.get('name') for parameter in parameters}
+    seen_names, seen_references = set(), set()
+    for trial_parameter in template['trialParameters']:
+        name, reference = trial_parameter.get('name', ''), trial_parameter.get('reference', '')
+        if not name or not reference or '{' in name or '}' in name:
+            errors.append(f'trialParameter {name!r}: name and reference required, no braces')
+            continue
+        if name in seen_names or reference in seen_references:
+            errors.append(f'trialParameter {name!r}: duplicated name or reference')
+            continue
+        seen_names.add(name)
+        seen_references.add(reference)
+        if reference not in experiment_parameter_names:
+            errors.append(f'trialParameter {name!r}: reference {reference!r} is not in spec.parameters')
+        placeholder = '${trialParameters.' + name + '}'
+        if placeholder not in template_text:
+            return errors + [f'trialParameter {name!r} is not used in trialSpec']
+        template_text = template_text.replace(placeholder, 'test-value')
+    leftovers = KATIB_LEFTOVER_PARAMETER.findall(template_text)
+    if leftovers:
+        errors.append(f'trialSpec uses {leftovers} that are not trialParameters')
+    run_spec = json.loads(template_text)
+    if run_spec.get('metadata', {}).get('name') or run_spec.get('metadata', {}).get('namespace'):
+        errors.append('trialSpec metadata.name and metadata.namespace must be omitted')
+    if not run_spec.get('apiVersion') or not run_spec.get('kind'):
+        errors.append('trialSpec apiVersion and kind required')
+    # Katib injects the StdOut collector into the container named primaryContainerName and needs its command.
+    containers = run_spec.get('spec', {}).get('template', {}).get('spec', {}).get('containers', [])
+    primary = [container for container in containers if container.get('name') == template.get('primaryContainerName')]
+    if len(primary) != 1 or not primary[0].get('command'):
+        errors.append('no primary container with an explicit command')
+    if spec.get('metricsCollectorSpec', {}).get('collector', {}).get('kind') not in (
+            'StdOut', 'File', 'TensorFlowEvent', 'PrometheusMetric', 'Custom', 'None', 'Push'):
+        errors.append('invalid metrics collector kind')
+    if spec.get('algorithm', {}).get('algorithmName') == 'grid':
+        errors += grid_errors(parameters, max_trials)
+    return errors
+
+
+def grid_errors(parameters, max_trials):
+    """Katib's grid suggestion: every int/double needs a step, and maxTrialCount must fit in the grid."""
+    if any(not parameter['feasibleSpace'].get('step') for parameter in parameters):
+        return ['grid needs a step for every parameter']
+    points = 1
+    for parameter in parameters:
+        space = parameter['feasibleSpace']
+        points *= int((float(space['max']) - float(space['min'])) / float(space['step']) + 1e-9) + 1
+    return [f'maxTrialCount {max_trials} > {points} grid points'] if max_trials > points else []
+
+
+def default_experiment(**changes):
+    settings = dict(algorithm='random', trial_counts={'parallel': 3, 'max_trials': 12, 'max_failed_trials': 3},
+                    goal=0.965, image=tuning.DEFAULT_IMAGE, namespace=tuning.DEFAULT_NAMESPACE)
+    settings.update(changes)
+    trial_template = tuning.build_trial_template(tuning.SEARCH_SPACE, settings['image'])
+    return tuning.build_experiment(tuning.SEARCH_SPACE, settings['algorithm'], settings['trial_counts'],
+                                   settings['goal'], trial_template, settings['namespace'])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Manifest mode
+# ---------------------------------------------------------------------------------------------------------------------
+def test_committed_manifest_regenerates_byte_identically():
+    result = run_script(['--katib-experiment'], timeout=60)
+    assert result.returncode == 0, result.stderr
+    with open(MANIFEST) as manifest_file:
+        assert result.stdout == manifest_file.read(), 'run: python3 mnist_hyper_tuning.py --katib-experiment -o ' \
+                                                      'katib-experiment.yaml'
+
+
+def test_manifest_round_trips_and_states_the_demo_experiment():
+    with open(MANIFEST) as manifest_file:
+        experiment = yaml.safe_load(manifest_file)
+    assert experiment == default_experiment()
+    spec = experiment['spec']
+    assert (experiment['apiVersion'], experiment['kind']) == ('kubeflow.org/v1beta1', 'Experiment')
+    assert experiment['metadata']['name'] == 'mnist-classification-hyperparam'
+    assert experiment['metadata']['annotations']['description']
+    assert spec['objective'] == {'type': 'maximize', 'goal': 0.965, 'objectiveMetricName': 'accuracy',
+                                 'additionalMetricNames': ['loss']}
+    assert (spec['parallelTrialCount'], spec['maxTrialCount'], spec['maxFailedTrialCount']) == (3, 12, 3)
+    assert spec['metricsCollectorSpec'] == {'collector': {'kind': 'StdOut'}}
+    assert [(parameter['name'], parameter['parameterType'], parameter['feasibleSpace']) for parameter in
+            spec['parameters']] == [
+        ('num_hidden_layer_1', 'int', {'min': '64', 'max': '256', 'step': '64'}),
+        ('num_hidden_layer_2', 'int', {'min': '64', 'max': '256', 'step': '64'}),
+        ('dropout', 'double', {'min': '0.25', 'max': '1.0', 'step': '0.25'}),
+        ('learning_rate', 'double', {'min': '0.01', 'max': '0.1', 'step': '0.01'}),
+        ('epoch', 'int', {'min': '1000', 'max': '3000', 'step': '500'})]
+    template = spec['trialTemplate']
+    assert all(item['reference'] == item['name'] for item in template['trialParameters'])
+    job = template['trialSpec']
+    assert (job['apiVersion'], job['kind']) == ('batch/v1', 'Job')
+    pod = job['spec']['template']
+    assert pod['metadata']['annotations'] == {'sidecar.istio.io/inject': 'false'}
+    assert pod['spec']['restartPolicy'] == 'Never'
+    container, = pod['spec']['containers']
+    assert container['name'] == template['primaryContainerName']
+    assert re.fullmatch(r'[\w./-]+:\d+\.\d+\.\d+', container['image']), 'the image must carry a pinned version tag'
+    assert container['command'][:2] == ['python3', '/opt/mlops-demo/mnist_hyper_tuning.py']
+
+
+def test_manifest_passes_the_katib_webhook_rules():
+    assert webhook_errors(default_experiment()) == []
+    for algorithm in tuning.KATIB_ALGORITHMS:
+        assert webhook_errors(default_experiment(algorithm=algorithm, namespace='')) == [], algorithm
+
+
+def test_webhook_check_catches_what_katib_rejects():
+    # The rules above must be able to fail: each broken copy of the manifest is reported.
+    broken = default_experiment()
+    broken['spec']['trialTemplate']['trialSpec']['spec']['template']['spec']['containers'][0]['command'][2] = \
+        '--num_hidden_layer_1=${trialParameters.units}'
+    assert any('not used' in error for error in webhook_errors(broken))
+    broken = default_experiment()
+    broken['spec']['trialTemplate']['trialSpec']['spec']['template']['spec']['containers'][0]['command'].append(
+        '--batch_size=${trialParameters.batch_size}')
+    assert any('not trialParameters' in error for error in webhook_errors(broken))
+    broken = default_experiment(trial_counts={'parallel': 13, 'max_trials': 12, 'max_failed_trials': 13})
+    assert len(webhook_errors(broken)) == 2
+    broken = default_experiment()
+    broken['spec']['trialTemplate']['trialSpec']['metadata'] = {'name': 'fixed'}
+    broken['spec']['parameters'][0]['feasibleSpace']['list'] = ['64']
+    broken['spec']['objective']['additionalMetricNames'].append('accuracy')
+    broken['metadata']['name'] = 'MNIST_tuning'
+    assert len(webhook_errors(broken)) == 4
+    broken = default_experiment(algorithm='grid')
+    del broken['spec']['parameters'][2]['feasibleSpace']['step']
+    assert webhook_errors(broken) == ['grid needs a step for every parameter']
+
+
+def test_trial_command_substitutes_to_a_valid_shell_line():
+    # Katib joins the command with spaces and runs it with `sh -c`, so every substituted word must be shell-safe.
+    experiment = default_experiment()
+    template = json.dumps(experiment['spec']['trialTemplate']['trialSpec'])
+    trial = tuning.propose_trials(tuning.SEARCH_SPACE, 'random', 1, seed=3)[0]
+    for name, value in trial.items():
+        template = template.replace('${trialParameters.' + name + '}', tuning.format_value(value))
+    command = json.loads(template)['spec']['template']['spec']['containers'][0]['command']
+    assert all(shlex.quote(word) == word for word in command)
+    assert command[2:7] == tuning.hyperparameter_flags(trial)
+
+
+def test_manifest_flags(tmp_path):
+    output = tmp_path / 'experiment.yaml'
+    result = run_script(['--katib-experiment', '-o', str(output), '--algorithm', 'grid', '--parallel', '2',
+                         '--max_trials', '4', '--max_failed_trials', '1', '--namespace', '', '--image',
+                         'registry.example.com/mnist:2.0.1', '--goal', '0.97', '--space', 'epoch=1000:2000:1000'],
+                        timeout=60)
+    assert result.returncode == 0, result.stderr
+    experiment = yaml.safe_load(output.read_text())
+    assert webhook_errors(experiment) == []
+    spec = experiment['spec']
+    assert 'namespace' not in experiment['metadata']
+    assert (spec['algorithm']['algorithmName'], spec['objective']['goal']) == ('grid', 0.97)
+    assert (spec['parallelTrialCount'], spec['maxTrialCount'], spec['maxFailedTrialCount']) == (2, 4, 1)
+    assert spec['parameters'][4]['feasibleSpace'] == {'min': '1000', 'max': '2000', 'step': '1000'}
+    container = spec['trialTemplate']['trialSpec']['spec']['template']['spec']['containers'][0]
+    assert container['image'] == 'registry.example.com/mnist:2.0.1'
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--local', '--learning_rate=0.05'], '--learning_rate does not apply in local mode'),
+    (['--katib-experiment', '--data=x.npz'], '--data does not apply in manifest mode'),
+    (['--image=x:1.0.0'], '--image does not apply in trial mode'),
+    (['--katib-experiment', '--parallel', '13'], 'must not exceed --max_trials'),
+    (['--local', '--algorithm', 'tpe'], 'runs on Katib only'),
+    (['--local', '--space', 'units=1:2:1'], "unknown parameter 'units'"),
+    (['--local', '--space', 'epoch=200:100:50'], 'MIN <= MAX'),
+    (['--local', '--algorithm', 'grid', '--space', 'epoch=1000:1000:1', '--space', 'dropout=1.0:1.0:1',
+      '--space', 'learning_rate=0.1:0.1:1', '--space', 'num_hidden_layer_1=64:64:1', '--max_trials', '20'],
+     'exceeds the 4 grid points'),
+    (['--local', '--max_trials', '0'], 'must be an integer >= 1'),
+])
+def test_flag_errors_are_one_line_and_exit_2(flags, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['mnist_hyper_tuning.py'] + flags)
+    with pytest.raises(SystemExit) as stopped:
+        tuning.main()
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error and 'Traceback' not in error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Proposals
+# ---------------------------------------------------------------------------------------------------------------------
+def test_same_seed_proposes_the_same_trials():
+    first = tuning.propose_trials(tuning.SEARCH_SPACE, 'random', 12, seed=7)
+    assert first == tuning.propose_trials(tuning.SEARCH_SPACE, 'random', 12, seed=7)
+    assert first != tuning.propose_trials(tuning.SEARCH_SPACE, 'random', 12, seed=8)
+    assert len({tuple(trial.values()) for trial in first}) == 12, 'random search repeated a point'
+    for parameter in tuning.SEARCH_SPACE:
+        assert {trial[parameter.name] for trial in first} <= set(tuning.grid_values(parameter))
+    assert tuning.grid_values(tuning.SEARCH_SPACE[3]) == [0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]
+    assert tuning.count_combinations(tuning.SEARCH_SPACE) == 4 * 4 * 4 * 10 * 5
+
+
+def test_grid_walks_the_grid_in_order_and_random_stops_at_its_size():
+    space = tuning.override_space(tuning.SEARCH_SPACE, ['num_hidden_layer_1=64:128:64', 'num_hidden_layer_2=64:64:1',
+                                                        'dropout=1.0:1.0:1', 'learning_rate=0.05:0.05:1',
+                                                        'epoch=1000:2000:1000'])
+    grid = tuning.propose_trials(space, 'grid', 10, seed=0)
+    assert [(trial['num_hidden_layer_1'], trial['epoch']) for trial in grid] == [
+        (64, 1000), (64, 2000), (128, 1000), (128, 2000)]
+    assert len(tuning.propose_trials(space, 'random', 10, seed=0)) == 4
+
+
+def test_stop_rules_follow_katib():
+    rule = {'goal': 0.9, 'stop_at_goal': True, 'max_failed_trials': 2}
+    succeeded = {'status': 'succeeded', 'accuracy': 0.95}
+    failed = {'status': 'failed', 'accuracy': None}
+    assert tuning.check_stop([failed], rule) == ''
+    assert tuning.check_stop([failed, failed], rule).startswith('2 trials failed')
+    assert tuning.check_stop([failed, succeeded], rule).startswith('goal reached')
+    assert tuning.check_stop([succeeded], dict(rule, stop_at_goal=False)) == ''
+
+
+def test_katib_parser_keeps_only_metric_pairs():
+    text = 'step 100/200  train loss 0.31 accuracy 0.9\nval_loss=0.5 accuracy = 0.97 x=1\nloss=\naccuracy=9.5e-1\n'
+    assert katib_values(text) == {'accuracy': [0.97, 0.95], 'loss': []}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trial mode and the local tuner (real training on the data slice)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_trial_with_unreadable_data_fails_in_one_line(tmp_path):
+    broken = tmp_path / 'broken.npz'
+    broken.write_bytes(b'not an npz file')
+    result = run_script(['--epoch=60', f'--data={broken}'], timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().count('\n') == 0 and result.stderr.startswith('error:'), result.stderr
+    assert katib_values(result.stdout + result.stderr) == {'accuracy': [], 'loss': []}
+    local = run_script(['--local', f'--data={broken}', '-o', str(tmp_path / 'tuning')], timeout=60)
+    assert local.returncode == 1 and local.stderr.startswith('error:') and 'Traceback' not in local.stderr
+
+
+def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_path, tmp_path):
+    output = tmp_path / 'tuning'
+    versions_before = version_folders()
+    # Grid order: learning rate 0.05 for 40 and 80 steps, then a learning rate that makes training diverge.
+    result = run_script(['--local', '--algorithm', 'grid', '--max_trials', '3', '--parallel', '2', '-o', str(output),
+                         f'--data={small_data_path}', '--space', 'learning_rate=0.05:100000.05:100000',
+                         '--space', 'epoch=40:80:40'] + TINY_SPACE, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((output / 'results.json').read_text())
+    trials = {trial['trial']: trial for trial in summary['trials']}
+    assert [trials[name]['status'] for name in ('trial-01', 'trial-02', 'trial-03')] == [
+        'succeeded', 'succeeded', 'failed']
+    # Each log is a trial's merged stdout and stderr, what Katib's collector reads (the pod command ends in
+    # `1>file 2>&1`): exactly one fixed-point value per metric, and none at all from the diverged trial.
+    for name in ('trial-01', 'trial-02'):
+        log = (output / trials[name]['log']).read_text()
+        assert katib_values(log) == {'accuracy': [trials[name]['accuracy']], 'loss': [trials[name]['loss']]}
+        assert 0.3 < trials[name]['accuracy'] <= 1.0 and trials[name]['loss'] > 0
+        metric_lines = [line for line in log.splitlines() if re.match(r'(accuracy|loss)=', line)]
+        assert len(metric_lines) == 2 and all(re.fullmatch(r'(accuracy|loss)=\d+\.\d{6}', line)
+                                              for line in metric_lines)
+    assert trials['trial-03']['learning_rate'] == 100000.05
+    assert trials['trial-03']['error'].startswith('exit code 1: error:')
+    assert katib_values((output / trials['trial-03']['log']).read_text()) == {'accuracy': [], 'loss': []}
+    assert version_folders() == versions_before, 'a trial must not export unless given --export_dir'
+    # The first two trials ran at the same time.
+    assert trials['trial-02']['started'] < trials['trial-01']['started'] + trials['trial-01']['seconds']
+    with open(output / 'results.csv') as table:
+        rows = list(csv.DictReader(table))
+    assert [row['trial'] for row in rows] == [trial['trial'] for trial in summary['trials']]
+    for name in ('trial-01', 'trial-02'):
+        events = [file for _, _, files in os.walk(output / 'tensorboard' / name) for file in files
+                  if file.startswith('events.out.tfevents')]
+        assert events, f'no TensorBoard events for {name}'
+    best = max((trials['trial-01'], trials['trial-02']), key=lambda trial: trial['accuracy'])
+    command = result.stdout.strip().splitlines()[-1]
+    words = shlex.split(command)
+    assert words[0] == 'python3' and os.path.samefile(tmp_path / words[1], os.path.join(REPO, 'mnist_model',
+                                                                                        'mnist.py'))
+    assert words[2:] == tuning.hyperparameter_flags({name: best[name] for name in tuning.TUNED_NAMES}) + [
+        f'--data={small_data_path}']
+    assert re.search(r'^\s+1\s+' + best['trial'], result.stdout, re.MULTILINE), 'leaderboard missing the best trial'
+
+
+def test_ctrl_c_keeps_finished_trials(small_data_path, tmp_path):
+    output = tmp_path / 'tuning'
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, '--local', '--max_trials', '3', '--parallel', '1', '-o', str(output),
+         f'--data={small_data_path}', '--space', 'learning_rate=0.05:0.1:0.05', '--space', 'epoch=40:60:20']
+        + TINY_SPACE, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (output / 'results.json').exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stdout + stderr
+    summary = json.loads((output / 'results.json').read_text())
+    assert summary['stopped'] == 'interrupted'
+    statuses = [trial['status'] for trial in summary['trials']]
+    assert statuses[0] == 'succeeded' and set(statuses[1:]) <= {'succeeded', 'stopped'}
+    assert 'Retrain with the tuned values' in stdout
+
+
+def test_stop_at_goal_starts_no_more_trials(small_data_path, tmp_path):
+    output = tmp_path / 'tuning'
+    result = run_script(['--local', '--max_trials', '3', '--parallel', '1', '-o', str(output), '--goal', '0.1',
+                         '--stop_at_goal', f'--data={small_data_path}', '--space', 'learning_rate=0.05:0.1:0.05',
+                         '--space', 'epoch=40:60:20'] + TINY_SPACE, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((output / 'results.json').read_text())
+    assert [trial['status'] for trial in summary['trials']] == ['succeeded']
+    assert summary['stopped'].startswith('goal reached')
