@@ -195,16 +195,28 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
                   # One call into the compiled graph per log interval keeps Python out of the inner loop.
                   steps_per_execution=min(log_every, epoch))
 
-    # Shuffle indices rather than images (cheap), gather whole batches, and stop after exactly `epoch` steps.
-    # The uint8 images stay uint8 in memory (a float copy of the training set would take 188 MB).
+    # Every pass over the training set is one seeded shuffle and one gather, cut into whole batches: the input
+    # pipeline then works per batch, not per example, and leaves the two cores to training. The images stay uint8
+    # (a float copy of the training set would take 188 MB); the last `epoch` % batches-per-pass steps use part of a
+    # pass, and training stops after exactly `epoch` steps.
+    batches_per_pass = train_examples // batch_size
+    if batches_per_pass == 0:
+        raise ValueError(f'batch size {batch_size} is larger than the {train_examples} training examples')
     images, labels = tf.constant(x_train), tf.constant(y_train)
     del x_train
-    train_batches = (tf.data.Dataset.range(train_examples)
-                     .shuffle(train_examples, seed=seed, reshuffle_each_iteration=True)
-                     .repeat()
-                     .batch(batch_size)
-                     .map(lambda index: (tf.cast(tf.gather(images, index), tf.float32), tf.gather(labels, index)))
-                     .prefetch(tf.data.AUTOTUNE)
+
+    def shuffled_pass(pass_index):
+        order = tf.random.experimental.stateless_shuffle(
+            tf.range(train_examples), seed=tf.stack([tf.constant(seed, tf.int64), pass_index]))
+        order = order[:batches_per_pass * batch_size]
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.reshape(tf.gather(images, order), [batches_per_pass, batch_size, 784]),
+             tf.reshape(tf.gather(labels, order), [batches_per_pass, batch_size])))
+
+    train_batches = (tf.data.Dataset.range(math.ceil(epoch / batches_per_pass))
+                     .flat_map(shuffled_pass)
+                     .map(lambda pixels, digits: (tf.cast(pixels, tf.float32), digits))
+                     .prefetch(2)
                      .take(epoch))
     test_batches = (tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2000)
                     .map(lambda pixels, digits: (tf.cast(pixels, tf.float32), digits)))
