@@ -168,7 +168,9 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     with np.load(dataset_path, allow_pickle=False) as dataset:
         x_train, y_train = dataset['x_train'].reshape(-1, 784), dataset['y_train']
         x_test, y_test = dataset['x_test'].reshape(-1, 784), dataset['y_test']
-        source, source_sha256 = str(dataset['source']), str(dataset['source_sha256'])
+        # load_data records where the data came from; another Keras-layout npz is its own source.
+        source = str(dataset['source']) if 'source' in dataset.files else dataset_path
+        source_sha256 = str(dataset['source_sha256']) if 'source_sha256' in dataset.files else ''
     train_examples = len(x_train)
 
     keras.utils.set_random_seed(seed)

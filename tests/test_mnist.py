@@ -354,3 +354,10 @@ def test_shipped_test_digits_are_the_documented_mnist_digits():
             assert image.mode == 'L' and image.size == (28, 28)
             assert data['y_test'][index] == digit
             np.testing.assert_array_equal(np.asarray(image), data['x_test'][index])
+
+
+def test_train_takes_a_plain_keras_npz_too(small_data_path, tmp_path):
+    mnist.train(small_data_path, str(tmp_path / 'model'), num_hidden_layer_1=8, num_hidden_layer_2=8, epoch=5)
+    with open(tmp_path / 'model' / 'train.json') as file:
+        info = json.load(file)
+    assert info['data_source'] == small_data_path and info['train_examples'] == 3000
