@@ -24,6 +24,7 @@ with the "Allow access to Kubeflow Pipelines" configuration the projected token 
 """
 import argparse
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import typing
 import urllib.error
 import urllib.request
 import warnings
@@ -64,10 +66,19 @@ COMPILATION_TIME_ANNOTATION = 'pipelines.kubeflow.org/pipeline_compilation_time'
 TOKEN_FILE = '/var/run/secrets/kubeflow/pipelines/token'
 POLL_SECONDS = 10
 
-load_data_op = components.create_component_from_func(mnist.load_data, base_image=BASE_IMAGE)
-train_op = components.create_component_from_func(mnist.train, base_image=BASE_IMAGE)
-evaluate_op = components.create_component_from_func(mnist.evaluate, base_image=BASE_IMAGE)
-export_op = components.create_component_from_func(mnist.export, base_image=BASE_IMAGE)
+
+def component_from_step(step):
+    """A lightweight component made of one of mnist.py's step functions. mnist.py keeps its kfp annotations
+    (InputPath, OutputPath) as strings so that the trainer runs without kfp; they are resolved here."""
+    names = {'InputPath': components.InputPath, 'OutputPath': components.OutputPath, 'NamedTuple': typing.NamedTuple}
+    step.__signature__ = inspect.signature(step, globals=names, eval_str=True)
+    return components.create_component_from_func(step, base_image=BASE_IMAGE)
+
+
+load_data_op = component_from_step(mnist.load_data)
+train_op = component_from_step(mnist.train)
+evaluate_op = component_from_step(mnist.evaluate)
+export_op = component_from_step(mnist.export)
 
 DEFAULTS = mnist.HYPERPARAMETER_DEFAULTS
 
