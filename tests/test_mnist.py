@@ -223,7 +223,7 @@ def test_same_seed_same_model(small_data_path, tmp_path):
 
 def test_divergence_is_an_error_and_exports_nothing(small_data_path, tmp_path):
     with pytest.raises(ValueError, match='training diverged'):
-        mnist.run(small_data_path, {'learning_rate': 1e9, 'epoch': 50}, export_dir=str(tmp_path))
+        mnist.run(small_data_path, {'learning_rate': 1e20, 'epoch': 50}, export_dir=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 
