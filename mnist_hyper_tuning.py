@@ -79,8 +79,9 @@ LOCAL_ALGORITHMS = ('random', 'grid')
 TRIAL_COUNT_DEFAULTS = {'parallel': 3, 'max_trials': 12, 'max_failed_trials': 3}
 LOCAL_PARALLEL_DEFAULT = 2
 # The demo's notebook image, built by the repository's Dockerfile: the repository is copied to /opt/mlops-demo and
-# requirements.txt installed, so trials run this very script on the bundled data with no network access.
-DEFAULT_IMAGE = 'jupyter/mnist-tensorflow-cpu:1.0.0'
+# requirements.txt installed, so trials run this very script on the bundled data with no network access. <registry>
+# stands for the registry you push it to (pass --image): Docker Hub's jupyter/ namespace belongs to Project Jupyter.
+DEFAULT_IMAGE = '<registry>/jupyter/mnist-tensorflow-cpu:1.0.0'
 IMAGE_REPO_DIR = '/opt/mlops-demo'
 # The profile namespace of a default Kubeflow install; Katib injects its metrics collector only in namespaces labelled
 # katib.kubeflow.org/metrics-collector-injection=enabled (profile namespaces are).
@@ -106,6 +107,12 @@ def count_combinations(space):
     return math.prod(len(grid_values(parameter)) for parameter in space)
 
 
+# The trainer's own checks of each tuned value (the same argparse types as mnist.py's flags).
+TRAINER_VALUE_TYPES = {'num_hidden_layer_1': mnist.positive_int, 'num_hidden_layer_2': mnist.positive_int,
+                       'dropout': mnist.keep_probability, 'learning_rate': mnist.positive_float,
+                       'epoch': mnist.positive_int}
+
+
 def override_space(space, overrides):
     """Returns the space with parameters replaced by NAME=MIN:MAX:STEP texts; raises ValueError on a bad text."""
     by_name = {parameter.name: parameter for parameter in space}
@@ -120,6 +127,12 @@ def override_space(space, overrides):
             raise ValueError(f'--space {text}: expected {name}=MIN:MAX:STEP with {by_name[name].type} values') from None
         if not (math.isfinite(low) and math.isfinite(high) and low <= high and step > 0):
             raise ValueError(f'--space {text}: need MIN <= MAX and STEP > 0')
+        # Every value must be one the trainer accepts, or each trial would fail on its own flags.
+        for value in (low, high):
+            try:
+                TRAINER_VALUE_TYPES[name](str(value))
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(f'--space {text}: {name} {error}') from None
         by_name[name] = by_name[name]._replace(min=low, max=high, step=step)
     return tuple(by_name[parameter.name] for parameter in space)
 
@@ -432,6 +445,17 @@ MODE_FLAGS = {
 }
 
 
+def accuracy_goal(text):
+    """An argparse type for --goal: a test accuracy in (0, 1]."""
+    try:
+        goal = float(text)
+    except ValueError:
+        goal = None
+    if goal is None or not 0.0 < goal <= 1.0:
+        raise argparse.ArgumentTypeError(f'must be a test accuracy in (0, 1], got {text!r}')
+    return goal
+
+
 def parse_arguments():
     """Parses the command line and fills in each mode's defaults; returns (mode, args)."""
     parser = argparse.ArgumentParser(
@@ -465,7 +489,7 @@ def parse_arguments():
     search.add_argument('--max_failed_trials', type=mnist.positive_int,
                         default=TRIAL_COUNT_DEFAULTS['max_failed_trials'],
                         help='stop after this many failed trials, Katib maxFailedTrialCount (default: %(default)s)')
-    search.add_argument('--goal', type=float, default=DEFAULT_GOAL,
+    search.add_argument('--goal', type=accuracy_goal, default=DEFAULT_GOAL,
                         help='objective goal: the test accuracy to reach (default: %(default)s)')
     search.add_argument('--space', action='append', default=[], metavar='NAME=MIN:MAX:STEP',
                         help='narrow one parameter of the search space, e.g. --space epoch=1000:2000:500 '
@@ -526,8 +550,12 @@ def main():
     if not args.output:
         sys.stdout.write(text)
         return 0
-    with open(args.output, 'w') as manifest_file:
-        manifest_file.write(text)
+    try:
+        with open(args.output, 'w') as manifest_file:
+            manifest_file.write(text)
+    except OSError as error:
+        print(f'error: cannot write {args.output}: {error.strerror}', file=sys.stderr)
+        return 1
     print(f'Wrote the Katib Experiment {EXPERIMENT_NAME} to {args.output}', file=sys.stderr)
     return 0
 
@@ -539,6 +567,7 @@ def tune_command(args):
         print(f'error: {output_dir} already holds results.json; choose another --output', file=sys.stderr)
         return 1
     try:
+        os.makedirs(output_dir, exist_ok=True)
         check_data(args.data)
     except (ValueError, OSError) as error:
         print(f'error: {error}', file=sys.stderr)

@@ -58,11 +58,18 @@ def measure_predict_image(model_dir, count):
     return float(np.mean(digits == labels))
 
 
+def positive_int(text):
+    """An argparse type: a whole number >= 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}')
+    return int(text)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--runs', type=int, default=5, help='number of training runs (default: %(default)s)')
+    parser.add_argument('--runs', type=positive_int, default=5, help='number of training runs (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0, help='seed of every run (default: %(default)s)')
-    parser.add_argument('--image_count', type=int, default=2000,
+    parser.add_argument('--image_count', type=positive_int, default=2000,
                         help='re-drawn test digits for predict_image (default: %(default)s)')
     args = parser.parse_args()
 

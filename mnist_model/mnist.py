@@ -271,6 +271,8 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     train_seconds = time.time() - fit_started
     final_loss = history.history['loss'][-1]
     if not math.isfinite(final_loss):
+        for writer in writers.values():
+            writer.close()
         raise ValueError(f'training diverged (loss {final_loss}); try a smaller --learning_rate')
 
     hyperparameters = {'num_hidden_layer_1': num_hidden_layer_1, 'num_hidden_layer_2': num_hidden_layer_2,
@@ -411,20 +413,21 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
     with open(metrics_path) as file:
         metrics = json.load(file)
 
+    def next_version():
+        return max((int(name) for name in os.listdir(export_dir) if re.fullmatch(r'[0-9]+', name)), default=0) + 1
+
     os.makedirs(export_dir, exist_ok=True)
-    versions = [int(name) for name in os.listdir(export_dir) if re.fullmatch(r'[0-9]+', name)]
-    version = model_version or max(versions, default=0) + 1
+    version = model_version or next_version()
     version_dir = os.path.join(export_dir, str(version))
     if os.path.exists(version_dir):
         raise FileExistsError(f'{version_dir} already exists: choose another model version')
 
     def to_mnist_pixels(image_bytes):
         """Decode one image and normalise it the way MNIST was made, returning 784 pixels of 0-255."""
+        # JPEG has no alpha channel: add an opaque one, so that every image is RGBA from here on.
         rgba = tf.cond(
             tf.io.is_jpeg(image_bytes),
-            lambda: tf.concat([tf.io.decode_jpeg(image_bytes, channels=3),
-                               tf.fill(tf.concat([tf.shape(tf.io.decode_jpeg(image_bytes, channels=1))[:2], [1]],
-                                                 axis=0), tf.constant(255, tf.uint8))], axis=2),
+            lambda: tf.pad(tf.io.decode_jpeg(image_bytes, channels=3), [[0, 0], [0, 0], [0, 1]], constant_values=255),
             lambda: tf.io.decode_png(image_bytes, channels=4))
         rgba = tf.cast(rgba, tf.float32)
         alpha = rgba[:, :, 3] / 255.0
@@ -488,15 +491,25 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
             'serving_default': serving.serve_pixels.get_concrete_function(),
             'predict_image': serving.serve_image.get_concrete_function()})
         os.makedirs(os.path.join(staging_dir, 'assets.extra'))
-        run_info = {'model_version': version, 'hyperparameters': train_info['hyperparameters'],
-                    'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
-                    'test_examples': metrics['test_examples'], 'tensorflow_version': tf.__version__,
-                    'data_source': train_info['data_source'], 'data_sha256': train_info['data_sha256']}
-        with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
-            json.dump(run_info, file, indent=2)
-        if os.path.exists(version_dir):
-            raise FileExistsError(f'{version_dir} appeared while exporting: choose another model version')
-        os.rename(staging_dir, version_dir)
+        while True:
+            run_info = {'model_version': version, 'hyperparameters': train_info['hyperparameters'],
+                        'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
+                        'test_examples': metrics['test_examples'], 'tensorflow_version': tf.__version__,
+                        'data_source': train_info['data_source'], 'data_sha256': train_info['data_sha256']}
+            with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
+                json.dump(run_info, file, indent=2)
+            version_dir = os.path.join(export_dir, str(version))
+            try:
+                if os.path.exists(version_dir):
+                    raise FileExistsError(f'{version_dir} appeared while exporting: choose another model version')
+                os.rename(staging_dir, version_dir)
+                break
+            except OSError:
+                # Another export took this number while this one was written: take the next free one, unless the
+                # number was asked for or the rename failed for another reason (then the number is still free).
+                if model_version or next_version() == version:
+                    raise
+                version = next_version()
     except BaseException:
         shutil.rmtree(staging_dir, ignore_errors=True)
         raise
@@ -584,17 +597,28 @@ def main(argv=None):
     parser.add_argument('--log_dir', default=DEFAULT_LOG_DIR,
                         help='TensorBoard folder; each run gets a subfolder; empty to disable (default: %(default)s)')
     parser.add_argument('--export_dir', default=HERE,
-                        help='folder of the model versions, which TF Serving polls (default: this script\'s folder)')
+                        help='folder of the model versions, which TF Serving polls; empty to train without exporting '
+                             '(default: this script\'s folder)')
     parser.add_argument('--model_version', type=positive_int, default=0,
                         help='integer version to export as (default: one more than the largest version there)')
     args = parser.parse_args(argv)
 
     # TensorFlow's start-up notices say nothing the user can act on.
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+    # Fail before training, not after it, on folders that cannot take the results.
     version_dir = os.path.join(args.export_dir, str(args.model_version))
     if args.model_version and os.path.exists(version_dir):
         print(f'mnist.py: error: {version_dir} already exists: choose another --model_version', file=sys.stderr)
         return 1
+    for folder in (args.export_dir, os.path.expanduser(args.log_dir)):
+        try:
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+                if not os.access(folder, os.W_OK):
+                    raise PermissionError(f'{folder} is not writable')
+        except OSError as error:
+            print(f'mnist.py: error: cannot write to {folder}: {error}', file=sys.stderr)
+            return 1
     try:
         result = run(args.data, hyperparameters_from(args), log_dir=args.log_dir, export_dir=args.export_dir,
                      model_version=args.model_version)
@@ -606,7 +630,10 @@ def main(argv=None):
           f'(training took {result["train_seconds"]:.1f} s)')
     if result['run_dir']:
         print(f'TensorBoard logs: {result["run_dir"]}  (view: tensorboard --logdir {args.log_dir})')
-    print(f'Model version {result["model_version"]} exported to {result["model_path"]}')
+    if result['model_version']:
+        print(f'Model version {result["model_version"]} exported to {result["model_path"]}')
+    else:
+        print('Model not exported (--export_dir is empty)')
     print(format_metrics(result['accuracy'], result['loss']), flush=True)
     return 0
 

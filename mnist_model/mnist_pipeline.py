@@ -34,6 +34,7 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 import typing
 import urllib.error
 import urllib.request
@@ -69,10 +70,13 @@ POLL_SECONDS = 10
 
 def component_from_step(step):
     """A lightweight component made of one of mnist.py's step functions. mnist.py keeps its kfp annotations
-    (InputPath, OutputPath) as strings so that the trainer runs without kfp; they are resolved here."""
+    (InputPath, OutputPath) as strings so that the trainer runs without kfp; they are resolved here, on a copy of
+    the function, so that mnist's own functions stay as they are."""
     names = {'InputPath': components.InputPath, 'OutputPath': components.OutputPath, 'NamedTuple': typing.NamedTuple}
-    step.__signature__ = inspect.signature(step, globals=names, eval_str=True)
-    return components.create_component_from_func(step, base_image=BASE_IMAGE)
+    function = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
+    function.__doc__, function.__kwdefaults__ = step.__doc__, step.__kwdefaults__
+    function.__signature__ = inspect.signature(step, globals=names, eval_str=True)
+    return components.create_component_from_func(function, base_image=BASE_IMAGE)
 
 
 load_data_op = component_from_step(mnist.load_data)
@@ -274,11 +278,15 @@ def check_host(host: str, credentials: dict, timeout: float = 10.0) -> dict:
         reason = getattr(error, 'reason', error)
         raise ConnectionError(f'cannot reach Kubeflow Pipelines at {host}: {reason}') from None
     try:
-        return json.loads(body)
+        healthz = json.loads(body)
     except ValueError:
         # Auth proxies in front of Kubeflow answer with an HTML login page instead of the API's JSON.
         raise PermissionError(f'{host} answered with a web page, not the KFP API (a login page?): '
                               f'{login_hint}') from None
+    if not isinstance(healthz, dict):
+        raise ConnectionError(f'{host} is not a Kubeflow Pipelines API endpoint (its healthz answer is not a JSON '
+                              f'object)')
+    return healthz
 
 
 def connect(host: str, namespace: str = None, needs_namespace: bool = False) -> 'kfp.Client':
@@ -481,6 +489,10 @@ def main(argv=None) -> int:
     # Every flag given must take effect: refuse the ones the chosen mode would silently ignore.
     if args.pipeline_root is not None and not args.run_local:
         parser.error('--pipeline_root is for --run-local')
+    if args.namespace is not None and not cluster_action:
+        parser.error('--namespace is for --upload, --run and --schedule')
+    if args.timeout != parser.get_default('timeout') and not args.wait:
+        parser.error('--timeout is for --wait')
     if args.package != PACKAGE_PATH and (args.run_local or cluster_action):
         parser.error('--package is for compiling only (--upload compiles a fresh copy itself)')
     if args.data != mnist.DEFAULT_DATA and not args.run_local:

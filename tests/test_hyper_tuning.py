@@ -202,7 +202,8 @@ def test_manifest_round_trips_and_states_the_demo_experiment():
     assert pod['spec']['restartPolicy'] == 'Never'
     container, = pod['spec']['containers']
     assert container['name'] == template['primaryContainerName']
-    assert re.fullmatch(r'[\w./-]+:\d+\.\d+\.\d+', container['image']), 'the image must carry a pinned version tag'
+    assert re.fullmatch(r'(<registry>/)?[\w./-]+:\d+\.\d+\.\d+', container['image']), \
+        'the image must carry a pinned version tag'
     assert container['command'][:2] == ['python3', '/opt/mlops-demo/mnist_hyper_tuning.py']
 
 
@@ -277,6 +278,9 @@ def test_manifest_flags(tmp_path):
       '--space', 'learning_rate=0.1:0.1:1', '--space', 'num_hidden_layer_1=64:64:1', '--max_trials', '20'],
      'exceeds the 4 grid points'),
     (['--local', '--max_trials', '0'], 'must be an integer >= 1'),
+    (['--katib-experiment', '--space', 'dropout=0.5:1.5:0.5'], 'dropout must be a keep probability in (0, 1]'),
+    (['--katib-experiment', '--space', 'learning_rate=-1:0.1:0.1'], 'learning_rate must be a number > 0'),
+    (['--katib-experiment', '--goal', 'nan'], 'must be a test accuracy in (0, 1]'),
 ])
 def test_flag_errors_are_one_line_and_exit_2(flags, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, 'argv', ['mnist_hyper_tuning.py'] + flags)
@@ -415,3 +419,13 @@ def test_stop_at_goal_starts_no_more_trials(small_data_path, tmp_path):
     summary = json.loads((output / 'results.json').read_text())
     assert [trial['status'] for trial in summary['trials']] == ['succeeded']
     assert summary['stopped'].startswith('goal reached')
+
+
+def test_unwritable_outputs_are_one_line_and_exit_1(tmp_path, small_data_path):
+    a_file = tmp_path / 'file'
+    a_file.write_text('')
+    for flags in (['--katib-experiment', '-o', str(tmp_path / 'missing' / 'experiment.yaml')],
+                  ['--local', '-o', str(a_file), f'--data={small_data_path}']):
+        result = run_script(flags, cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, result.stderr

@@ -304,7 +304,7 @@ def test_cli_data_errors_are_one_line_and_exit_1(tmp_path, make_data, message):
     assert 'Traceback' not in process.stderr
     assert process.stderr.count('\n') == 1 and message in process.stderr
     assert process.stderr.startswith('mnist.py: error: ')
-    assert not (tmp_path / 'm').exists()
+    assert list((tmp_path / 'm').iterdir()) == [], 'nothing exported'
 
 
 def test_cli_refuses_an_existing_version_before_training(model_base_dir):
@@ -361,3 +361,30 @@ def test_train_takes_a_plain_keras_npz_too(small_data_path, tmp_path):
     with open(tmp_path / 'model' / 'train.json') as file:
         info = json.load(file)
     assert info['data_source'] == small_data_path and info['train_examples'] == 3000
+
+
+def test_export_takes_the_next_number_when_another_export_lands_first(trained_steps, tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    real_save = tf.saved_model.save
+
+    def save_while_another_export_lands(*args, **kwargs):
+        (tmp_path / '1').mkdir()
+        (tmp_path / '1' / 'saved_model.pb').write_bytes(b'another export')
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(tf.saved_model, 'save', save_while_another_export_lands)
+    assert mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path)) == 2
+    with open(tmp_path / '2' / 'assets.extra' / 'run.json') as file:
+        assert json.load(file)['model_version'] == 2
+    assert (tmp_path / '1' / 'saved_model.pb').read_bytes() == b'another export'
+    assert sorted(path.name for path in tmp_path.iterdir()) == ['1', '2']
+
+
+def test_cli_refuses_an_unwritable_export_folder_before_training(tmp_path):
+    not_a_folder = tmp_path / 'file'
+    not_a_folder.write_text('')
+    process = run_script(MNIST_PY, '--export_dir', str(not_a_folder), '--log_dir', '')
+    assert process.returncode == 1 and 'Traceback' not in process.stderr
+    assert process.stderr.startswith(f'mnist.py: error: cannot write to {not_a_folder}')
+    assert 'step' not in process.stdout
