@@ -332,6 +332,7 @@ def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
     stop_reason = ''
     tuner_started = time.monotonic()
     # The trials run in their own sessions, so a `kill` of the tuner must stop them as Ctrl-C does.
+    previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     try:
         while pending or running:
@@ -361,8 +362,14 @@ def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
                 write_results(output_dir, records, dict(summary, stopped=stop_reason))
     except KeyboardInterrupt:
         stop_reason = 'interrupted'
+        # A second Ctrl-C while the trials are being stopped must not leave any of them running.
+        for number in previous_handlers:
+            signal.signal(number, signal.SIG_IGN)
         stop_trials(running, records)
         write_results(output_dir, records, dict(summary, stopped=stop_reason))
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
     return records, stop_reason
 
 
