@@ -406,26 +406,26 @@ def format_run_metrics(run) -> str:
     return ' | '.join(parts) or 'no metrics reported'
 
 
-def run_cluster_actions(args, params: dict) -> int:
-    """Do --upload, --run, --schedule and --wait against args.host; return the exit code."""
-    host = args.host.rstrip('/')
-    client = connect(host, args.namespace, needs_namespace=args.run or args.schedule)
+def run_cluster_actions(host: str, namespace: str, actions: set, params: dict, timeout: float) -> int:
+    """Do the actions ('upload', 'run', 'schedule', 'wait') against the KFP API at host; return the exit code."""
+    host = host.rstrip('/')
+    client = connect(host, namespace, needs_namespace=bool(actions & {'run', 'schedule'}))
     pipeline = None
-    if args.upload:
+    if 'upload' in actions:
         with tempfile.TemporaryDirectory(prefix='mnist-pipeline-') as work_dir:
             pipeline = upload_pipeline(client, compile_pipeline(os.path.join(work_dir, 'mnist_pipeline.yaml')))
-    if not (args.run or args.schedule):
+    if not actions & {'run', 'schedule'}:
         return 0
     pipeline = pipeline or find_pipeline(client)
-    experiment = client.create_experiment(EXPERIMENT_NAME, namespace=args.namespace)
+    experiment = client.create_experiment(EXPERIMENT_NAME, namespace=namespace)
     run = None
-    if args.run:
+    if 'run' in actions:
         run = start_run(client, experiment.id, pipeline, params)
         print(f'Started run {run.name} in experiment {EXPERIMENT_NAME}: {host}/#/runs/details/{run.id}')
-    if args.schedule:
+    if 'schedule' in actions:
         schedule_pipeline(client, experiment.id, pipeline, params)
-    if run is not None and args.wait:
-        run = wait_for_run(client, run.id, args.timeout)
+    if run is not None and 'wait' in actions:
+        run = wait_for_run(client, run.id, timeout)
         print(f'Run {run.name} finished: {run.status}; {format_run_metrics(run)}')
         if run.status.lower() != 'succeeded':
             return 1
@@ -507,7 +507,9 @@ def main(argv=None) -> int:
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root)
         if cluster_action:
-            return run_cluster_actions(args, dict(hparams, data_url=args.data_url))
+            actions = {name for name in ('upload', 'run', 'schedule', 'wait') if getattr(args, name)}
+            return run_cluster_actions(args.host, args.namespace, actions, dict(hparams, data_url=args.data_url),
+                                       args.timeout)
         print(f'Compiled {compile_pipeline(args.package)}')
         return 0
     except kfp_server_api.ApiException as error:
