@@ -546,7 +546,7 @@ def main():
     if mode == 'trial':
         # TensorFlow's start-up notices say nothing a trial's reader can act on (mnist.py quiets them the same way).
         os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-        hparams = {name: getattr(args, name) for name in TUNED_NAMES + ('batch_size', 'seed')}
+        hparams = mnist.hyperparameters_from(args)
         return run_trial(args.data, hparams, args.log_dir, args.export_dir, args.model_version)
     if mode == 'local':
         return tune_command(args)

@@ -499,7 +499,7 @@ def main(argv=None) -> int:
         parser.error('--data is for --run-local; cluster runs read --data_url (a URL the cluster can reach)')
     if args.data_url != DEFAULT_DATA_URL and not (args.run or args.schedule):
         parser.error('--data_url is for --run and --schedule; --run-local reads --data')
-    hparams = {name: getattr(args, name) for name in mnist.HYPERPARAMETER_DEFAULTS}
+    hparams = mnist.hyperparameters_from(args)
     if hparams != mnist.HYPERPARAMETER_DEFAULTS and not (args.run_local or args.run or args.schedule):
         parser.error('hyperparameters are for --run-local, --run and --schedule (the compiled pipeline keeps '
                      'the defaults; its parameters are set per run)')
