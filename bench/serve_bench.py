@@ -136,6 +136,7 @@ def main():
                         help='requests/s the clients offer together in the paced runs (default: 300)')
     parser.add_argument('--runs', type=int, default=3, help='runs of each kind; medians are printed (default: 3)')
     parser.add_argument('--batch', type=int, default=100, help='images in the batched request (default: 100)')
+    parser.add_argument('--server_args', default='', help='extra flags for the server, e.g. "--enable_batching"')
     args = parser.parse_args()
     for name in ('requests', 'clients', 'rate', 'runs', 'batch'):
         if getattr(args, name) < 1:
@@ -152,7 +153,8 @@ def main():
     expected = labels[picks].tolist()
 
     port = model_server.free_port()
-    process = model_server.launch(args.model_base_path, port, ['--file_system_poll_wait_seconds=0'])
+    process = model_server.launch(args.model_base_path, port,
+                                  ['--file_system_poll_wait_seconds=0', *args.server_args.split()])
     try:
         # Warm up the connection handling and the model before measuring memory and time.
         send_all(port, bodies[:100], expected[:100], args.clients)

@@ -1,18 +1,23 @@
-"""Tests of mnist_model/model_server.py: TF Serving's REST API shapes, bad inputs, version swaps, start and stop.
+"""Tests of mnist_model/model_server.py: TF Serving's REST API shapes, bad inputs, HTTP bodies, metrics, version
+swaps and rollback, start and stop.
 
 The server runs as a real subprocess on a free loopback port, started once for the module on a folder with no version
 yet; it then gets the small test model (conftest.py), and at the end a second version exported while clients
-send requests. Also checks the command line, Ctrl-C, and the KServe manifest at its boundary (the fields KServe reads).
+send requests, which is then retired again while they go on. Also checks the command line and its configuration
+files, Ctrl-C, and the KServe manifest at its boundary (the fields KServe reads). Batching and a server whose stderr
+nobody reads are in test_model_server_concurrency.py.
 
 Example:
     python3 -m pytest -q tests/test_model_server.py
 """
 
 import base64
+import gzip
 import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +36,7 @@ import model_server
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_DATA = os.path.join(REPO, 'mnist_model', 'test_data')
 MAX_REQUEST_BYTES = 200_000
+METRICS_PATH = '/monitoring/prometheus/metrics'
 
 
 def read_digit(number):
@@ -58,19 +64,24 @@ def served(tmp_path_factory, model_base_dir, trained_steps):
         (base / ignored).mkdir(parents=True)
     (base / '.tmp-20240101-half-written' / 'saved_model.pb').write_bytes(b'not a model')
     log_path = base.parent / 'server.log'
+    # TF Serving's own example file, with its comma and colon before the brace.
+    monitoring_config = base.parent / 'monitoring.config'
+    monitoring_config.write_text('prometheus_config: {\n  enable: true,\n  path: "%s"\n}\n' % METRICS_PATH)
     port = model_server.free_port()
     url = f'http://127.0.0.1:{port}/v1/models/mnist'
     with open(log_path, 'wb') as log_file:
-        process = model_server.launch(str(base), port, [f'--max_request_bytes={MAX_REQUEST_BYTES}',
-                                                        '--file_system_poll_wait_seconds=0.2'], log_file,
+        process = model_server.launch(str(base), port, [f'--max_request_bytes={MAX_REQUEST_BYTES}', '--access_log',
+                                                        '--file_system_poll_wait_seconds=0.2',
+                                                        f'--monitoring_config_file={monitoring_config}'], log_file,
                                       wait_for_version=False)
     try:
-        empty = {'log': log_path.read_text(), 'status': requests.get(url, timeout=10),
+        empty = {'log': wait_for_log(log_path, 'No versions of servable'), 'status': requests.get(url, timeout=10),
                  'predict': post(url + ':predict', {'instances': PIXELS})}
         shutil.copytree(os.path.join(model_base_dir, '1'), base / '.tmp-copy')
         os.rename(base / '.tmp-copy', base / '1')
         wait_for_status(url, [('1', 'AVAILABLE')])
-        yield {'url': url, 'port': port, 'log': log_path, 'base': base, 'steps': trained_steps, 'empty': empty}
+        yield {'url': url, 'port': port, 'log': log_path, 'base': base, 'steps': trained_steps, 'empty': empty,
+               'metrics': f'http://127.0.0.1:{port}{METRICS_PATH}'}
     finally:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=30)
@@ -80,6 +91,14 @@ def served(tmp_path_factory, model_base_dir, trained_steps):
 
 def post(url, body, **kwargs):
     return requests.post(url, data=json.dumps(body), timeout=30, **kwargs)
+
+
+def wait_for_log(log_path, text, timeout=10):
+    """The server's log once it holds text: a thread of the server writes its stderr, a moment after the fact."""
+    deadline = time.monotonic() + timeout
+    while text not in (log := log_path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return log
 
 
 def test_starts_without_a_version_and_says_so(served):
@@ -200,6 +219,9 @@ BAD_REQUESTS = [
      {'signature_name': 'predict_image', 'instances': [b64(b'hello, not a picture')]}, 400, ''),
     ('bad path', 'GET', '/../../etc/passwd', None, 400, 'Malformed request'),
     ('bad version', 'GET', '/versions/abc', None, 400, 'integer'),
+    ('version label', 'GET', '/labels/stable', None, 400, 'Unrecognized servable version label: stable'),
+    ('version label predict', 'POST', '/labels/canary:predict', {'instances': PIXELS}, 400,
+     'Unrecognized servable version label: canary'),
     ('classify', 'POST', ':classify', {'examples': []}, 400, ':predict'),
     ('unknown model', 'POST', '-nope:predict', {'instances': PIXELS}, 404, 'Servable not found'),
     ('unknown model status', 'GET', '-nope', None, 404, 'Could not find any versions of model mnist-nope'),
@@ -253,55 +275,220 @@ def test_one_access_log_line_per_request(served):
     for index in range(3):
         requests.get(served['url'] + f'?probe={index}', timeout=10)
     post(served['url'] + ':predict?probe=predict', {'instances': PIXELS})
-    time.sleep(0.2)
-    log = served['log'].read_text()
+    log = wait_for_log(served['log'], '"POST /v1/models/mnist:predict?probe=predict HTTP/1.1" 200')
     for index in range(3):
         assert log.count(f'"GET /v1/models/mnist?probe={index} HTTP/1.1" 200') == 1
     assert log.count('"POST /v1/models/mnist:predict?probe=predict HTTP/1.1" 200') == 1
     assert 'Traceback' not in log
 
 
-def test_new_version_swaps_in_under_load_without_failed_requests(served):
-    """mnist.export writes version 2 while 4 clients send requests; none fails. Runs last among the tests that
-    use the module's server (pytest keeps file order): the tests above expect version 1."""
-    import mnist
+def send_in_chunks(data, size=1000):
+    """A generator: requests sends it with Transfer-Encoding: chunked, one chunk per item."""
+    for start in range(0, len(data), size):
+        yield data[start:start + size]
 
-    failures, successes, stop = [], [], threading.Event()
-    body = json.dumps({'instances': np.stack([read_digit(3)]).reshape(1, 784).tolist()}).encode()
 
-    def send_requests():
-        connection = http.client.HTTPConnection('127.0.0.1', served['port'], timeout=30)
-        while not stop.is_set():
+def test_gzip_and_chunked_bodies_answer_like_a_plain_one(served):
+    url = served['url'] + ':predict'
+    body = json.dumps({'instances': np.stack([read_digit(number) for number in range(10)]).reshape(10, 784).tolist()})
+    body = body.encode()
+    plain = requests.post(url, data=body, timeout=30)
+    assert plain.status_code == 200
+    gzip_header = {'Content-Encoding': 'gzip'}
+    answers = {
+        'gzip': requests.post(url, data=gzip.compress(body), headers=gzip_header, timeout=30),
+        'chunked': requests.post(url, data=send_in_chunks(body), timeout=30),
+        'gzip, chunked': requests.post(url, data=send_in_chunks(gzip.compress(body)), headers=gzip_header,
+                                       timeout=30),
+        'two gzip members': requests.post(url, data=gzip.compress(body[:500]) + gzip.compress(body[500:]),
+                                          headers=gzip_header, timeout=30),
+    }
+    assert answers['chunked'].request.headers['Transfer-Encoding'] == 'chunked'
+    for name, answer in answers.items():
+        assert answer.status_code == 200, (name, answer.text)
+        assert answer.json() == plain.json(), name
+
+
+def test_compressed_and_chunked_bodies_keep_the_size_limit(served):
+    url = served['url'] + ':predict'
+    gzip_header = {'Content-Encoding': 'gzip'}
+    # A decompression bomb: a small body that inflates to 50 times the limit.
+    bomb = gzip.compress(b' ' * (50 * MAX_REQUEST_BYTES))
+    assert len(bomb) < MAX_REQUEST_BYTES
+    cases = [
+        (bomb, gzip_header, 413, 'decompresses to more than the limit'),
+        (b'{"instances": [[0]]}', gzip_header, 400, 'cannot be decompressed'),
+        (gzip.compress(json.dumps({'instances': PIXELS}).encode())[:-6], gzip_header, 400, 'truncated'),
+        (b'{}', {'Content-Encoding': 'br'}, 415, 'Content-Encoding "br" is not supported'),
+        (send_in_chunks(b' ' * (MAX_REQUEST_BYTES + 1), 50_000), {}, 413, 'over the limit'),
+    ]
+    for data, headers, status, message in cases:
+        reply = requests.post(url, data=data, headers=headers, timeout=30)
+        assert reply.status_code == status and message in reply.json()['error'], reply.text
+    assert raw_request(served['port'], b'POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n'
+                                       b'Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n')[0] == 400
+    assert requests.get(served['url'], timeout=10).status_code == 200
+
+
+def read_reply(connection):
+    """Read one HTTP reply from a socket: (status, headers text, body bytes)."""
+    data = b''
+    while b'\r\n\r\n' not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f'connection closed before a full reply: {data!r}'
+        data += chunk
+    head, _, body = data.partition(b'\r\n\r\n')
+    length = int(re.search(rb'Content-Length: (\d+)', head)[1])
+    while len(body) < length:
+        body += connection.recv(65536)
+    return int(head.split()[1]), head.decode('latin-1'), body
+
+
+def test_oversized_content_length_is_answered_at_once_then_the_connection_closes(served):
+    for expect in ('', 'Expect: 100-continue\r\n'):
+        with socket.create_connection(('127.0.0.1', served['port']), timeout=10) as connection:
+            started = time.monotonic()
+            # Only the headers of a 2 GiB body: the server must answer without waiting for (or reading) any of it.
+            connection.sendall(f'POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n{expect}'
+                               f'Content-Length: {2 ** 31}\r\n\r\n'.encode())
+            status, head, body = read_reply(connection)
+            seconds = time.monotonic() - started
+            assert status == 413 and 'over the limit' in json.loads(body)['error'] and seconds < 1
+            assert 'Connection: close' in head
+            # What the client still sends is read and dropped rather than answered with a reset; then it closes.
+            connection.sendall(b'x' * 100_000)
+            assert connection.recv(65536) == b''
+    assert requests.get(served['url'], timeout=10).status_code == 200
+
+
+def parse_metrics(text):
+    """{(sample name, frozenset of label items): value} from Prometheus' text format."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith('#'):
+            match = re.fullmatch(r'([^{\s]+)(?:\{(.*)\})? (\S+)', line)
+            labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match[2] or ''))
+            samples[(match[1], labels)] = float(match[3])
+    return samples
+
+
+def metric(samples, name, **labels):
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metrics_have_tf_serving_names_and_count_the_requests_made(served):
+    before = parse_metrics(requests.get(served['metrics'], timeout=10).text)
+    for _ in range(3):
+        assert post(served['url'] + ':predict', {'instances': PIXELS}).status_code == 200
+    assert post(served['url'] + ':predict', {'instances': [[0] * 783]}).status_code == 400
+    assert requests.get(served['url'], timeout=10).status_code == 200
+    assert requests.get(served['url'][:-5] + 'other', timeout=10).status_code == 404
+    reply = requests.get(served['metrics'], timeout=10)
+    assert reply.status_code == 200 and reply.headers['Content-Type'].startswith('text/plain; version=0.0.4')
+    after = parse_metrics(reply.text)
+
+    def increase(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert increase(':tensorflow:serving:request_count', model_name='mnist', status='OK') == 4
+    assert increase(':tensorflow:serving:request_count', model_name='mnist', status='INVALID_ARGUMENT') == 1
+    assert increase(':tensorflow:serving:request_count', model_name='other', status='NOT_FOUND') == 1
+    predict = {'model_name': 'mnist', 'API': 'predict', 'entrypoint': 'REST'}
+    assert increase(':tensorflow:serving:request_latency_count', **predict) == 3
+    assert increase(':tensorflow:serving:runtime_latency_count', model_name='mnist', API='Predict', runtime='TF1') == 3
+    assert increase('model_server_predict_requests_total', model_name='mnist', signature_name='serving_default',
+                    status='OK') == 3
+    # TF Serving's buckets: 10 us * 1.8^i, printed with 6 significant digits.
+    assert (':tensorflow:serving:request_latency_bucket', frozenset({**predict, 'le': '104.976'}.items())) in after
+    assert '# TYPE :tensorflow:serving:request_latency histogram' in reply.text
+    version_path = str(served['base'] / '1')
+    assert metric(after, ':tensorflow:cc:saved_model:load_attempt_count', model_path=version_path,
+                  status='success') == 1
+    assert metric(after, ':tensorflow:cc:saved_model:load_latency', model_path=version_path) > 0
+    assert metric(after, 'model_server_serving_version', model_name='mnist') == 1
+    assert metric(after, 'model_server_loaded_version', model_name='mnist', version='1', role='serving') == 1
+
+
+class SendingClients:
+    """Clients that each send single-image predicts on a kept-alive connection until the `with` block ends."""
+
+    def __init__(self, port, clients=4):
+        self.port = port
+        self.body = json.dumps({'instances': read_digit(3).reshape(1, 784).tolist()}).encode()
+        self.failures, self.successes, self.stop = [], [], threading.Event()
+        self.threads = [threading.Thread(target=self.send_requests) for _ in range(clients)]
+
+    def send_requests(self):
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
+        while not self.stop.is_set():
             try:
-                connection.request('POST', '/v1/models/mnist:predict', body=body)
+                connection.request('POST', '/v1/models/mnist:predict', body=self.body)
                 reply = connection.getresponse()
                 content = reply.read()
-                (successes if reply.status == 200 else failures).append(content)
+                (self.successes if reply.status == 200 else self.failures).append(content)
             except (OSError, http.client.HTTPException) as error:
-                failures.append(repr(error))
+                self.failures.append(repr(error))
                 connection.close()
-                connection = http.client.HTTPConnection('127.0.0.1', served['port'], timeout=30)
+                connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
         connection.close()
 
-    clients = [threading.Thread(target=send_requests) for _ in range(4)]
-    for client in clients:
-        client.start()
-    try:
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
         time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exception):
+        time.sleep(0.3)
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=30)
+
+
+def test_new_version_swaps_in_under_load_without_failed_requests(served):
+    """mnist.export writes version 2 while 4 clients send requests; none fails. Version 1 stays loaded as the
+    standby and answers requests that name it, as TF Serving's latest{num_versions: 2} policy does. Runs after
+    the tests above, which expect version 1 alone (pytest keeps file order)."""
+    import mnist
+
+    with SendingClients(served['port']) as clients:
         version = mnist.export(served['steps']['model'], served['steps']['metrics.json'], str(served['base']))
         assert version == 2
-        wait_for_status(served['url'], [('2', 'AVAILABLE'), ('1', 'END')])
-        during_swap = len(successes)
-        time.sleep(0.3)
-    finally:
-        stop.set()
-        for client in clients:
-            client.join(timeout=30)
-    assert failures == []
-    assert len(successes) > during_swap > 0
-    assert requests.get(served['url'] + '/versions/2/metadata', timeout=10).status_code == 200
-    assert requests.get(served['url'] + '/versions/1/metadata', timeout=10).status_code == 404
-    assert 'Serving version 2 of model mnist' in served['log'].read_text()
+        wait_for_status(served['url'], [('2', 'AVAILABLE'), ('1', 'AVAILABLE')])
+        during_swap = len(clients.successes)
+    assert clients.failures == []
+    assert len(clients.successes) > during_swap > 0
+    for number in (2, 1):
+        assert requests.get(served['url'] + f'/versions/{number}/metadata', timeout=10).status_code == 200
+    assert served_version(served['url']) == '2'
+    assert 'Serving version 2 of model mnist' in wait_for_log(served['log'], 'Serving version 2 of model mnist')
+
+
+def served_version(url):
+    """The version that answers requests naming no version, from the metadata it returns."""
+    return requests.get(url + '/metadata', timeout=10).json()['model_spec']['version']
+
+
+def test_retiring_the_served_version_rolls_back_at_once_without_failed_requests(served):
+    """Version 2's folder is renamed away (as `mnist.py --retire 2` does) while 4 clients send requests: the
+    standby, version 1, answers at once, and no request fails. Runs after the swap test, which added version 2."""
+    with SendingClients(served['port']) as clients:
+        started = time.monotonic()
+        os.rename(served['base'] / '2', served['base'] / f'.retired-2-{int(time.time())}')
+        while served_version(served['url']) != '1' and time.monotonic() - started < 10:
+            time.sleep(0.02)
+        seconds = time.monotonic() - started
+        during_switch = len(clients.successes)
+    assert clients.failures == []
+    assert len(clients.successes) > during_switch > 0
+    assert seconds < 2, f'version 1 answered {seconds:.2f} s after version 2 was retired'
+    wait_for_status(served['url'], [('2', 'END'), ('1', 'AVAILABLE')])
+    assert requests.get(served['url'] + '/versions/2/metadata', timeout=10).status_code == 404
+    log = wait_for_log(served['log'], 'Version 2 of model mnist left')
+    assert 'serving version 1, which was loaded as the standby' in log
+    samples = parse_metrics(requests.get(served['metrics'], timeout=10).text)
+    assert metric(samples, 'model_server_version_switches_total', model_name='mnist', reason='version_removed') == 1
+    assert metric(samples, 'model_server_serving_version', model_name='mnist') == 1
 
 
 def wait_for_status(url, expected, timeout=60):
@@ -335,6 +522,30 @@ def test_command_line_errors_are_one_line(tmp_path):
         taken.listen()
         result = run_cli(f'--model_base_path={tmp_path}', f'--rest_api_port={taken.getsockname()[1]}')
     assert result.returncode == 1 and 'cannot listen' in result.stderr and 'Traceback' not in result.stderr
+
+
+CONFIG_ERRORS = [
+    # (flags, file content, part of the one-line error)
+    (['--monitoring_config_file={file}'], 'prometheus_config { enable: true, port: 9090 }', 'no field named "port"'),
+    (['--monitoring_config_file={file}'], 'prometheus_config { enable: true, path: "/v1/metrics" }', 'not with "/v1/"'),
+    (['--monitoring_config_file={file}.missing'], '', 'cannot read it'),
+    (['--enable_batching', '--batching_parameters_file={file}'], 'allowed_batch_sizes: 8',
+     'no field named "allowed_batch_sizes"'),
+    (['--enable_batching=true', '--batching_parameters_file={file}'], 'max_batch_size { value: 0 }',
+     'max_batch_size must be >= 1'),
+    (['--enable_batching', '--batching_parameters_file={file}'], 'max_batch_size: 8', 'Expected "{"'),
+    (['--batching_parameters_file={file}'], 'max_batch_size { value: 8 }', 'without --enable_batching'),
+]
+
+
+@pytest.mark.parametrize('flags, content, message', CONFIG_ERRORS, ids=[case[2] for case in CONFIG_ERRORS])
+def test_configuration_file_errors_are_one_line(tmp_path, flags, content, message):
+    config = tmp_path / 'server.config'
+    config.write_text(content)
+    result = run_cli(f'--model_base_path={tmp_path}', *[flag.format(file=config) for flag in flags])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith('error: --'), result.stderr
+    assert message in lines[0]
 
 
 def test_ctrl_c_stops_the_server_cleanly(tmp_path):

@@ -1,0 +1,273 @@
+"""The model versions a model server holds: load SavedModel folders, serve the newest, keep the one before it warm.
+
+`<base_path>/<integer version>/` folders holding a `saved_model.pb` are versions; every other name is ignored
+(`.tmp-*` exports being written, `.retired-*` versions taken out of service, `data/`, ...). `ModelRepository`
+serves the largest version and keeps the second largest loaded as a warm standby, as TF Serving does with
+`model_version_policy { latest { num_versions: 2 } }`: both answer requests that name their version, requests that
+name none go to the largest. When the served version's folder disappears (a bad version retired by renaming it), the
+standby takes over at once and the next older version is loaded as the new standby; when a newer version appears,
+it is loaded and warmed up completely before it replaces the served one, which becomes the standby. Requests in
+flight finish on the version they started with, so none fails during a switch.
+
+Example (the server's poll loop):
+    repository = ModelRepository('mnist_model', 'mnist', keep_standby=True)
+    repository.refresh()   # load the newest version, then the standby
+    served = repository.find(None)
+"""
+
+import os
+import threading
+import time
+import typing
+
+from serving_log import log_line
+
+
+class InputInfo(typing.NamedTuple):
+    """What a request's value for one signature input must be, prepared once per version for fast checks."""
+    dtype: object            # tf.DType
+    numpy_dtype: object
+    is_string: bool
+    allowed_kinds: str       # numpy dtype kinds accepted from JSON: 'iuf' for floats, 'iu' for integers, 'b' bools
+    shape: typing.Optional[tuple]   # None for any shape; None entries are free sizes
+    shape_text: str
+
+
+class ServedVersion:
+    """One loaded SavedModel version: its callable signatures, their inputs, and the signature_def for metadata."""
+
+    def __init__(self, version, path, loaded, signature_defs):
+        self.version = version
+        self.path = path
+        # Keep the loaded object alive: the signature functions refer to its variables.
+        self.loaded = loaded
+        self.signatures = dict(loaded.signatures)
+        self.input_specs = {name: function.structured_input_signature[1]
+                            for name, function in self.signatures.items()}
+        self.inputs = {name: {input_name: describe_input(spec) for input_name, spec in specs.items()}
+                       for name, specs in self.input_specs.items()}
+        # A signature can be batched when every input has a free first (batch) dimension.
+        self.batchable = {name: all(info.shape and info.shape[0] is None for info in inputs.values())
+                          for name, inputs in self.inputs.items()}
+        self.signature_defs = signature_defs
+
+
+def describe_input(spec):
+    import tensorflow as tf
+
+    shape = None if spec.shape.rank is None else tuple(spec.shape.as_list())
+    shape_text = 'any shape' if shape is None else str([-1 if size is None else size for size in shape])
+    if spec.dtype == tf.string:
+        kinds = ''
+    else:
+        kinds = 'iuf' if spec.dtype.is_floating else 'iu' if spec.dtype.is_integer else 'b'
+    return InputInfo(spec.dtype, None if spec.dtype == tf.string else spec.dtype.as_numpy_dtype,
+                     spec.dtype == tf.string, kinds, shape, shape_text)
+
+
+def list_versions(base_path):
+    """Return the sorted integer versions under base_path that hold a saved_model.pb; other folders are ignored."""
+    try:
+        names = os.listdir(base_path)
+    except OSError:
+        return []
+    versions = []
+    for name in names:
+        if name.isdigit() and os.path.isfile(os.path.join(base_path, name, 'saved_model.pb')):
+            versions.append(int(name))
+    return sorted(versions)
+
+
+def read_signature_defs(saved_model_dir):
+    """Return the SavedModel's signature_def map as TF Serving prints it in GET .../metadata."""
+    from google.protobuf import json_format
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, 'saved_model.pb'), 'rb') as proto_file:
+        saved_model.ParseFromString(proto_file.read())
+    meta_graph = saved_model.meta_graphs[0]
+    return {name: json_format.MessageToDict(signature_def, preserving_proto_field_name=True,
+                                            including_default_value_fields=True)
+            for name, signature_def in meta_graph.signature_def.items()}
+
+
+def load_version(base_path, version):
+    """Load <base_path>/<version> completely (weights and signatures) and return it as a ServedVersion."""
+    import tensorflow as tf
+
+    path = os.path.join(base_path, str(version))
+    loaded = tf.saved_model.load(path)
+    served = ServedVersion(version, path, loaded, read_signature_defs(path))
+    warm_up(served)
+    return served
+
+
+def warm_up(served):
+    """Call each signature once with one and with two examples (zeros for numbers, a small black PNG for strings),
+    so that TensorFlow's first-call work for single requests and for batches happens before the version serves."""
+    import tensorflow as tf
+
+    blank_png = tf.io.encode_png(tf.zeros([28, 28, 1], tf.uint8))
+    for name, inputs in served.inputs.items():
+        if any(info.shape is None for info in inputs.values()):
+            continue
+        for batch_size in (1, 2):
+            examples = {}
+            for input_name, info in inputs.items():
+                shape = [batch_size if index == 0 and size is None else 1 if size is None else size
+                         for index, size in enumerate(info.shape)]
+                examples[input_name] = tf.fill(shape, blank_png) if info.is_string else tf.zeros(shape, info.dtype)
+            try:
+                served.signatures[name](**examples)
+            except Exception:  # Warm-up is an optimisation only; real requests report real errors.
+                pass
+
+
+def folder_stamp(path):
+    """Modification times of a version folder and its variables/ folder, which change while files are copied in."""
+    stamps = []
+    for folder in (path, os.path.join(path, 'variables')):
+        try:
+            stamps.append(os.stat(folder).st_mtime_ns)
+        except OSError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+class ModelRepository:
+    """Holds the served version and its standby, and follows the base folder (see the module docstring).
+
+    Request threads read `self.loaded`, a (served, standby) pair that is only ever replaced as a whole, once per
+    request and keep the ServedVersion they got to the end of the request. Only the poll thread changes the state.
+    """
+
+    def __init__(self, base_path, model_name, keep_standby=True, metrics=None):
+        self.base_path = base_path
+        self.model_name = model_name
+        self.keep_standby = keep_standby
+        self.metrics = metrics
+        self.loaded = (None, None)
+        # The version being read from disk right now (state LOADING), and versions that were loaded and then let go
+        # (state END), as TF Serving reports them.
+        self.loading = None
+        self.ended = []
+        # Versions that failed to load, with the folder's modification stamp then: retried once the folder changes
+        # (a copy by hand that was still in progress), not on every poll.
+        self.failed = {}
+        self.stop_event = threading.Event()
+
+    @property
+    def current(self):
+        """The version that answers requests naming no version, or None."""
+        return self.loaded[0]
+
+    def find(self, version):
+        """The loaded ServedVersion a request names (None: the served one), or None if it is not loaded."""
+        served, standby = self.loaded
+        if version is None or (served is not None and served.version == version):
+            return served
+        if standby is not None and standby.version == version:
+            return standby
+        return None
+
+    def refresh(self, load_standby=True):
+        """Look at the folder once and bring the loaded versions in line with it. Returns True if the served
+        version changed."""
+        on_disk = list_versions(self.base_path)
+        served, standby = self.loaded
+        changed = False
+        if standby is not None and standby.version not in on_disk:
+            self.set_loaded(served, None, ended=[standby])
+            standby = None
+        if served is not None and served.version not in on_disk and standby is not None:
+            # The served version was retired: the standby takes over before anything is read from disk.
+            self.set_loaded(standby, None, ended=[served])
+            self.record_switch('version_removed')
+            log_line(f'Version {served.version} of model {self.model_name} left {self.base_path}: serving version '
+                     f'{standby.version}, which was loaded as the standby')
+            served, standby, changed = standby, None, True
+        candidates = [version for version in on_disk
+                      if self.failed.get(version) != folder_stamp(os.path.join(self.base_path, str(version)))]
+        if candidates and (served is None or served.version not in on_disk or candidates[-1] > served.version):
+            # A newer version, or the served one was retired with no standby: read the newest from disk.
+            newest = self.load(candidates[-1])
+            if newest is not None:
+                keep = served if self.keep_standby and served is not None and served.version in on_disk else None
+                self.set_loaded(newest, keep, ended=[served, standby])
+                self.record_switch('newer_version' if served is None or newest.version > served.version
+                                   else 'version_removed')
+                log_line(f'Serving version {newest.version} of model {self.model_name} from {newest.path}')
+                changed = True
+        if self.keep_standby and load_standby:
+            self.refresh_standby(on_disk)
+        return changed
+
+    def refresh_standby(self, on_disk):
+        """Keep the largest loadable version below the served one loaded, and nothing else."""
+        served, standby = self.loaded
+        if served is None:
+            return
+        below = [version for version in on_disk if version < served.version
+                 and self.failed.get(version) != folder_stamp(os.path.join(self.base_path, str(version)))]
+        wanted = below[-1] if below else None
+        if standby is not None and standby.version == wanted:
+            return
+        loaded = self.load(wanted) if wanted is not None else None
+        served, standby = self.loaded
+        if loaded is not None and served is not None and loaded.version >= served.version:
+            return  # The folder changed while the standby loaded; the next look sorts it out.
+        self.set_loaded(served, loaded, ended=[standby])
+        if loaded is not None:
+            log_line(f'Loaded version {loaded.version} of model {self.model_name} as the standby')
+
+    def load(self, version):
+        """Load one version, logging and remembering a failure; returns the ServedVersion or None."""
+        path = os.path.join(self.base_path, str(version))
+        self.loading = version
+        started = time.perf_counter()
+        try:
+            served = load_version(self.base_path, version)
+        except Exception as error:  # A broken export must not stop the server; it keeps serving what it has.
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log_line(f'Failed to load version {version} of model {self.model_name}: {first_line}')
+            self.failed[version] = folder_stamp(path)
+            served = None
+        finally:
+            self.loading = None
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.record_load(path, served is not None, seconds)
+        if served is not None:
+            log_line(f'Loaded version {version} of model {self.model_name} in {seconds:.2f} s')
+        return served
+
+    def set_loaded(self, served, standby, ended):
+        """Replace the (served, standby) pair; the versions in `ended` that are not kept are reported as END."""
+        kept = {version.version for version in (served, standby) if version is not None}
+        gone = {version.version for version in ended if version is not None and version.version not in kept}
+        self.ended = [version for version in self.ended if version not in kept | gone] + sorted(gone)
+        self.loaded = (served, standby)
+
+    def record_switch(self, reason):
+        if self.metrics is not None:
+            self.metrics.record_switch(self.model_name, reason)
+
+    def poll(self, wait_seconds):
+        """Refresh now (which loads the standby) and then every wait_seconds until stop() is called."""
+        self.refresh()
+        while not self.stop_event.wait(wait_seconds):
+            self.refresh()
+
+    def stop(self):
+        self.stop_event.set()
+
+    def version_states(self):
+        """Return [(version, state)] newest first, as GET /v1/models/NAME reports them."""
+        states = {version.version: 'AVAILABLE' for version in self.loaded if version is not None}
+        loading = self.loading
+        if loading is not None and loading not in states:
+            states[loading] = 'LOADING'
+        for version in self.ended:
+            states.setdefault(version, 'END')
+        return sorted(states.items(), reverse=True)
