@@ -1,15 +1,21 @@
 """Run predict requests on a signature, one by one or merged into batches as TF Serving's --enable_batching does.
 
 `DirectRunner` calls the signature in the request's own thread. `Batcher` queues each request's checked input
-arrays per signature and input shape; `num_batch_threads` threads each take the oldest queue's requests, up to
-`max_batch_size` rows in total, concatenate them along the first dimension, make one signature call and hand every
-request its own rows of the outputs. A queue is taken as soon as a thread is free and either it holds
-`max_batch_size` rows or its oldest request has waited `batch_timeout_micros` (0: at once, so under load a batch is
+arrays per signature and input shape, and merges what is queued into one signature call: the requests' rows are
+concatenated along the first dimension, and every request gets its own rows of the outputs. At most
+`num_batch_threads` batches are formed or run at a time. A batch holds up to `max_batch_size` rows and is taken as
+soon as it is full or its oldest request has waited `batch_timeout_micros` (0: at once, so under load a batch is
 whatever arrived while the previous call ran). As in TF Serving, a request with more rows than `max_batch_size` is
 refused (400), and one that would make more than `max_enqueued_batches` batches wait gets 503. If a merged call
 fails, each of its requests is run alone, so a request that cannot be answered (a picture that does not decode)
 fails on its own and the others get the answers they would have had unbatched (within float32 rounding: matrix
 kernels add in another order for one row than for several).
+
+The batches run in the threads of the requests themselves rather than in a pool of batch threads: the request that
+finds a batch slot free leads, forms the batch (its own request included) and runs it, while the others wait on a
+lock of their own; when it is done, it hands the slot to the oldest request still waiting. So a lone client pays for
+no hand-over between threads, and under load every merged call saves the per-call cost of TensorFlow for all but one
+of its requests.
 
 Example:
     runner = Batcher(BatchingParameters(max_batch_size=32), metrics=None, model_name='mnist')
@@ -55,18 +61,25 @@ class DirectRunner:
 
 
 class Task:
-    """One request waiting in a batch queue; `done` is released once `outputs` or `error` is set."""
-    __slots__ = ('arrays', 'rows', 'enqueued', 'outputs', 'error', 'done')
+    """One request in a batch queue. Its thread waits on `done`, released when `outputs` or `error` is set, or
+    when the request is `promoted` to lead the next batch."""
+    __slots__ = ('arrays', 'rows', 'key', 'enqueued', 'outputs', 'error', 'done', 'promoted')
 
-    def __init__(self, arrays, rows):
+    def __init__(self, arrays, rows, key):
         self.arrays = arrays
         self.rows = rows
+        self.key = key
         self.enqueued = time.perf_counter()
         self.outputs = None
         self.error = None
+        self.promoted = False
         # A bare lock is the cheapest one-shot signal between two threads in CPython.
         self.done = threading.Lock()
         self.done.acquire()
+
+    @property
+    def answered(self):
+        return self.outputs is not None or self.error is not None
 
 
 class Batcher:
@@ -78,15 +91,16 @@ class Batcher:
         self.metrics = metrics
         self.model_name = model_name
         self.direct = DirectRunner(metrics, model_name)
-        # (signature function, input layout) -> list of Tasks, oldest first; and the rows queued in each.
+        # (signature function, input layout) -> Tasks not yet in a batch, oldest first; and their rows.
         self.queues = {}
         self.queued_rows = {}
-        self.condition = threading.Condition()
+        # Keys whose next batch a leader is forming, and the number of leaders (forming or running a batch).
+        self.forming = set()
+        self.leaders = 0
+        self.lock = threading.Lock()
+        # Signalled when a request joins a queue whose batch is being formed (the leader may wait for it to fill).
+        self.joined = threading.Condition(self.lock)
         self.stopped = False
-        self.threads = [threading.Thread(target=self.work, name=f'batch-{index}', daemon=True)
-                        for index in range(parameters.num_batch_threads)]
-        for thread in self.threads:
-            thread.start()
 
     def run(self, served, signature_name, arrays):
         """Answer one request through its signature's queue; returns {output name: this request's rows}."""
@@ -97,12 +111,13 @@ class Batcher:
         rows = rows.pop()
         limit = self.parameters.max_batch_size
         if rows > limit:
-            raise RequestError(400, f'Task size {rows} is larger than maximum input batch size {limit} '
-                                    '(max_batch_size in --batching_parameters_file)')
+            raise RequestError(400, f'Task size {rows} is larger than maximum input batch size {limit} (raise '
+                                    'max_batch_size in --batching_parameters_file, or serve with '
+                                    '--enable_batching=false)')
         function = served.signatures[signature_name]
         key = (function, tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(arrays.items())))
-        task = Task(arrays, rows)
-        with self.condition:
+        task = Task(arrays, rows, key)
+        with self.lock:
             if self.stopped:
                 raise RequestError(503, 'the server is shutting down')
             queued = self.queued_rows.get(key, 0)
@@ -110,54 +125,82 @@ class Batcher:
                 raise RequestError(503, 'The batch scheduling queue to which this task was submitted is full')
             self.queues.setdefault(key, []).append(task)
             self.queued_rows[key] = queued + rows
-            self.condition.notify()
-        task.done.acquire()
+            lead = self.leaders < self.parameters.num_batch_threads and key not in self.forming
+            if lead:
+                self.leaders += 1
+                self.forming.add(key)
+            elif key in self.forming:
+                self.joined.notify_all()
+        if not lead:
+            task.done.acquire()
+            lead = task.promoted
+        if lead:
+            self.lead(task)
         if task.error is not None:
             raise task.error
         return task.outputs
 
-    def next_ready(self):
-        """The queue to take now (the one with the oldest ready request), or (None, seconds until one is ready)."""
-        now = time.perf_counter()
-        ready, oldest, wait = None, None, None
-        for key, tasks in self.queues.items():
-            head = tasks[0].enqueued
-            if self.queued_rows[key] >= self.parameters.max_batch_size or now - head >= self.timeout_seconds:
-                if oldest is None or head < oldest:
-                    ready, oldest = key, head
-            else:
-                remaining = head + self.timeout_seconds - now
-                wait = remaining if wait is None else min(wait, remaining)
-        return ready, wait
+    def lead(self, own):
+        """Form and run batches of own's queue (which this thread holds in `forming`) until own is answered."""
+        while True:
+            own.promoted = False
+            with self.lock:
+                batch = self.form(own.key)
+            if batch:
+                self.execute(batch)
+            with self.lock:
+                self.leaders -= 1
+                self.promote()
+            if own.answered:
+                return
+            # Own request did not fit in that batch: another leader answers it, or it is promoted to lead again.
+            own.done.acquire()
+            if not own.promoted:
+                return
+
+    def form(self, key):
+        """Wait (holding the lock's condition) until the queue's batch is full or its oldest request has waited the
+        timeout, take the batch, and let another waiting request lead the next one if a slot is free."""
+        limit = self.parameters.max_batch_size
+        while self.queued_rows.get(key, limit) < limit and not self.stopped:
+            remaining = self.queues[key][0].enqueued + self.timeout_seconds - time.perf_counter()
+            if remaining <= 0:
+                break
+            self.joined.wait(remaining)
+        batch = self.take(key)
+        self.forming.discard(key)
+        self.promote()
+        return batch
 
     def take(self, key):
         """Remove and return the oldest tasks of a queue that fit in one batch."""
-        tasks, batch, rows = self.queues[key], [], 0
+        tasks, batch, rows = self.queues.get(key, []), [], 0
         while tasks and (not batch or rows + tasks[0].rows <= self.parameters.max_batch_size):
             rows += tasks[0].rows
             batch.append(tasks.pop(0))
         if tasks:
             self.queued_rows[key] -= rows
-        else:
+        elif key in self.queues:
             del self.queues[key], self.queued_rows[key]
         return batch
 
-    def work(self):
-        while True:
-            with self.condition:
-                while True:
-                    if self.stopped and not self.queues:
-                        return
-                    key, wait = self.next_ready()
-                    if key is not None:
-                        break
-                    self.condition.wait(wait)
-                tasks = self.take(key)
-            self.execute(key[0], tasks)
+    def promote(self):
+        """While fewer than num_batch_threads lead, wake the oldest waiting request of a queue nobody forms to lead
+        its batch."""
+        while self.leaders < self.parameters.num_batch_threads:
+            heads = [tasks[0] for key, tasks in self.queues.items() if key not in self.forming]
+            if not heads:
+                return
+            oldest = min(heads, key=lambda task: task.enqueued)
+            self.leaders += 1
+            self.forming.add(oldest.key)
+            oldest.promoted = True
+            oldest.done.release()
 
-    def execute(self, function, tasks):
+    def execute(self, tasks):
         """One signature call for all tasks; if it fails, one call per task so that each fails only for itself."""
         started = time.perf_counter()
+        function = tasks[0].key[0]
         try:
             if len(tasks) == 1:
                 self.run_alone(function, tasks[0])
@@ -200,9 +243,7 @@ class Batcher:
         return outputs
 
     def stop(self):
-        """Answer what is queued, then end the batch threads."""
-        with self.condition:
+        """Stop waiting for batches to fill: what is queued runs at once."""
+        with self.lock:
             self.stopped = True
-            self.condition.notify_all()
-        for thread in self.threads:
-            thread.join(timeout=5)
+            self.joined.notify_all()

@@ -533,8 +533,9 @@ CONFIG_ERRORS = [
      'no field named "allowed_batch_sizes"'),
     (['--enable_batching=true', '--batching_parameters_file={file}'], 'max_batch_size { value: 0 }',
      'max_batch_size must be >= 1'),
-    (['--enable_batching', '--batching_parameters_file={file}'], 'max_batch_size: 8', 'Expected "{"'),
-    (['--batching_parameters_file={file}'], 'max_batch_size { value: 8 }', 'without --enable_batching'),
+    (['--batching_parameters_file={file}'], 'max_batch_size: 8', 'Expected "{"'),
+    (['--enable_batching=false', '--batching_parameters_file={file}'], 'max_batch_size { value: 8 }',
+     'set with --enable_batching=false'),
 ]
 
 
@@ -566,6 +567,26 @@ def test_version_listing_ignores_other_folders(tmp_path):
         (tmp_path / name / 'saved_model.pb').write_bytes(b'')
     # 5 has no saved_model.pb yet (a copy in progress), so it is not a version yet.
     assert model_server.list_versions(str(tmp_path)) == [1, 3, 12]
+
+
+def test_kserve_scrape_annotations_once_uncommented_match_the_shipped_monitoring_config():
+    """The commented Prometheus lines of the manifest, uncommented, are valid and name the path TF Serving exposes
+    with mnist_model/monitoring.config, which this server reads the same way."""
+    import yaml
+
+    import serving_config
+
+    with open(os.path.join(REPO, 'mnist_model', 'kserve-inferenceservice.yaml')) as manifest_file:
+        text = manifest_file.read()
+    uncommented = re.sub(r'^(\s*)# (annotations:|  serving\.kserve|  prometheus\.kserve|args:)', r'\1\2', text,
+                         flags=re.M)
+    manifest = yaml.safe_load(uncommented)
+    annotations = manifest['metadata']['annotations']
+    assert annotations['serving.kserve.io/enable-prometheus-scraping'] == 'true'
+    config_path = os.path.join(REPO, 'mnist_model', 'monitoring.config')
+    assert annotations['prometheus.kserve.io/path'] == serving_config.read_monitoring_config(config_path)
+    assert manifest['spec']['predictor']['tensorflow']['args'] == [
+        '--monitoring_config_file=/mnt/models/monitoring.config']
 
 
 def test_kserve_manifest_serves_the_export_folder_with_a_new_enough_runtime():

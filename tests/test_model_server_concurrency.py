@@ -1,8 +1,9 @@
 """Tests of mnist_model/model_server.py under concurrent requests: batching, and a server whose stderr nobody reads.
 
-Two real server subprocesses on free loopback ports serve the small test model (conftest.py): a plain one started
-the way a careless script starts it (stderr a pipe that is never read, one access line per request), and one with
---enable_batching whose batches hold at most 4 rows, so that 4 requests sent together make exactly one batch.
+Two real server subprocesses on free loopback ports serve the small test model (conftest.py): one without batching,
+started the way a careless script starts it (stderr a pipe that is never read, one access line per request), and
+one whose batches hold at most 4 rows, so that 4 requests sent together make exactly one batch. The batching code
+itself is also tested in this process with a stand-in for the signature call.
 
 Example:
     python3 -m pytest -q tests/test_model_server_concurrency.py
@@ -54,8 +55,8 @@ def png_b64(image):
 def plain(model_base_dir):
     """A server without batching whose stderr is a pipe nobody reads, writing one access line per request."""
     port = model_server.free_port()
-    process = model_server.launch(model_base_dir, port, ['--access_log', '--file_system_poll_wait_seconds=0'],
-                                  log_file=subprocess.PIPE)
+    process = model_server.launch(model_base_dir, port, ['--enable_batching=false', '--access_log',
+                                                         '--file_system_poll_wait_seconds=0'], log_file=subprocess.PIPE)
     try:
         yield f'http://127.0.0.1:{port}/v1/models/mnist'
     finally:
@@ -66,7 +67,7 @@ def plain(model_base_dir):
 
 @pytest.fixture(scope='module')
 def batching(model_base_dir, tmp_path_factory):
-    """A server with --enable_batching, the parameters above, and Prometheus metrics; its log goes to a file."""
+    """A server with the batching parameters above and Prometheus metrics; its log goes to a file."""
     folder = tmp_path_factory.mktemp('batching')
     (folder / 'batching.config').write_text(BATCHING_PARAMETERS)
     (folder / 'monitoring.config').write_text('prometheus_config { enable: true }\n')
@@ -172,3 +173,58 @@ def test_batching_refuses_requests_larger_than_a_batch_and_logs_no_access_lines(
     assert reply.json()['error'].startswith('Task size 5 is larger than maximum input batch size 4')
     # Without --access_log the log holds the start-up lines only.
     assert '"POST ' not in batching['log'].read_text()
+
+
+@pytest.mark.parametrize('batch_threads, timeout_micros', [(1, 0), (2, 1000)])
+def test_batcher_gives_every_request_its_own_rows_under_many_threads(monkeypatch, batch_threads, timeout_micros):
+    """The Batcher itself, with a stand-in for the signature call that doubles its input and fails on negative
+    numbers and, like TensorFlow, lets other threads run while it computes: 16 threads send requests of 1 to 3 rows,
+    some failing; each gets exactly its own answer."""
+    import random
+    import time
+
+    import serving_batching
+    from serving_config import BatchingParameters
+
+    batch_rows = []
+
+    def double(function, arrays):
+        batch_rows.append(len(arrays['x']))
+        time.sleep(0.0002)
+        if (arrays['x'] < 0).any():
+            raise serving_batching.RequestError(400, 'negative input')
+        return {'y': arrays['x'] * 2}
+
+    class Served:
+        signatures = {'double': object()}
+        batchable = {'double': True}
+
+    monkeypatch.setattr(serving_batching, 'call_signature', double)
+    batcher = serving_batching.Batcher(BatchingParameters(max_batch_size=3, batch_timeout_micros=timeout_micros,
+                                                          max_enqueued_batches=1000, num_batch_threads=batch_threads),
+                                       metrics=None, model_name='mnist')
+    wrong = []
+
+    def client(seed):
+        chance = random.Random(seed)
+        for index in range(100):
+            rows = np.full((chance.randint(1, 3), 2), seed * 1000 + index)
+            failing = chance.random() < 0.05
+            rows[0, 0] = -1 if failing else rows[0, 0]
+            try:
+                answer = batcher.run(Served, 'double', {'x': rows})['y']
+                wrong.extend([] if not failing and np.array_equal(answer, rows * 2) else [(seed, index, answer)])
+            except serving_batching.RequestError as error:
+                wrong.extend([] if failing and error.message == 'negative input' else [(seed, index, error)])
+
+    # Daemon threads with one deadline for all: a lost wake-up fails the test instead of hanging it.
+    clients = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(16)]
+    for thread in clients:
+        thread.start()
+    deadline = time.monotonic() + 60
+    for thread in clients:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in clients) and wrong == []
+    # Requests were merged: fewer calls than requests despite the extra calls of failed batches.
+    assert len(batch_rows) < 1600 and max(batch_rows) == 3
+    assert batcher.queues == {} and batcher.leaders == 0
