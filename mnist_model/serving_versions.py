@@ -139,7 +139,8 @@ class ModelRepository:
     """Holds the served version and its standby, and follows the base folder (see the module docstring).
 
     Request threads read `self.loaded`, a (served, standby) pair that is only ever replaced as a whole, once per
-    request and keep the ServedVersion they got to the end of the request. Only the poll thread changes the state.
+    request, and keep the ServedVersion they got to the end of the request. Only one thread calls refresh() (the
+    poll thread; at start, the main thread before it), so the state changes in one place.
     """
 
     def __init__(self, base_path, model_name, keep_standby=True, metrics=None):
@@ -157,11 +158,6 @@ class ModelRepository:
         self.failed = {}
         self.stop_event = threading.Event()
 
-    @property
-    def current(self):
-        """The version that answers requests naming no version, or None."""
-        return self.loaded[0]
-
     def find(self, version):
         """The loaded ServedVersion a request names (None: the served one), or None if it is not loaded."""
         served, standby = self.loaded
@@ -172,11 +168,9 @@ class ModelRepository:
         return None
 
     def refresh(self, load_standby=True):
-        """Look at the folder once and bring the loaded versions in line with it. Returns True if the served
-        version changed."""
+        """Look at the folder once and bring the loaded versions in line with it."""
         on_disk = list_versions(self.base_path)
         served, standby = self.loaded
-        changed = False
         if standby is not None and standby.version not in on_disk:
             self.set_loaded(served, None, ended=[standby])
             standby = None
@@ -186,7 +180,7 @@ class ModelRepository:
             self.record_switch('version_removed')
             log_line(f'Version {served.version} of model {self.model_name} left {self.base_path}: serving version '
                      f'{standby.version}, which was loaded as the standby')
-            served, standby, changed = standby, None, True
+            served, standby = standby, None
         candidates = [version for version in on_disk
                       if self.failed.get(version) != folder_stamp(os.path.join(self.base_path, str(version)))]
         if candidates and (served is None or served.version not in on_disk or candidates[-1] > served.version):
@@ -198,10 +192,8 @@ class ModelRepository:
                 self.record_switch('newer_version' if served is None or newest.version > served.version
                                    else 'version_removed')
                 log_line(f'Serving version {newest.version} of model {self.model_name} from {newest.path}')
-                changed = True
         if self.keep_standby and load_standby:
             self.refresh_standby(on_disk)
-        return changed
 
     def refresh_standby(self, on_disk):
         """Keep the largest loadable version below the served one loaded, and nothing else."""
@@ -214,9 +206,6 @@ class ModelRepository:
         if standby is not None and standby.version == wanted:
             return
         loaded = self.load(wanted) if wanted is not None else None
-        served, standby = self.loaded
-        if loaded is not None and served is not None and loaded.version >= served.version:
-            return  # The folder changed while the standby loaded; the next look sorts it out.
         self.set_loaded(served, loaded, ended=[standby])
         if loaded is not None:
             log_line(f'Loaded version {loaded.version} of model {self.model_name} as the standby')
