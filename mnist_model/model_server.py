@@ -31,6 +31,7 @@ Example:
 import argparse
 import email.utils
 import http.server
+import json
 import os
 import re
 import signal
@@ -42,7 +43,6 @@ import typing
 import warnings
 import zlib
 
-import orjson
 
 from serving_batching import Batcher, DirectRunner
 from serving_config import BatchingParameters, ConfigError, read_batching_parameters, read_monitoring_config
@@ -215,7 +215,8 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         extra = ''
         if status == 405:
             extra = f'Allow: {"POST" if ":" in self.path.rsplit("/", 1)[-1] else "GET"}\r\n'
-        self.send_reply(status, orjson.dumps(body), extra_headers=extra)
+        # The json module's layout, as before orjson answered predicts: clients may print these bodies as they are.
+        self.send_reply(status, json.dumps(body).encode('utf-8'), extra_headers=extra)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, oversized headers, ...) as JSON too."""
@@ -337,17 +338,19 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
     def answer_api(self, method):
         """Answer a request to TF Serving's REST API (/v1/models/...); returns the JSON reply body."""
         repository = self.server.repository
+        # The model name labels the request's metrics, whatever goes wrong later.
+        match = URL_PATTERN.match(self.path.split('?', 1)[0])
+        self.model_name = match['name'] if match else ''
         # Read the body first: an error answered before it would leave its bytes on the kept-alive connection.
         raw_body = self.read_body() if method == 'POST' else b''
         name, suffix, version = parse_path(self.path)
-        self.model_name = name
         check_model_name(name, suffix, version, repository.model_name)
         if method == 'GET':
             if suffix not in ('', '/metadata'):
                 raise RequestError(405, f'use POST for {suffix}')
             if suffix == '':
-                return orjson.dumps(model_status(repository, version))
-            return orjson.dumps(model_metadata(find_served(repository, version), repository.model_name))
+                return json.dumps(model_status(repository, version)).encode('utf-8')
+            return json.dumps(model_metadata(find_served(repository, version), repository.model_name)).encode('utf-8')
         if method != 'POST':
             raise RequestError(405, f'method {method} is not allowed here')
         if suffix in ('', '/metadata'):

@@ -381,6 +381,7 @@ def test_metrics_have_tf_serving_names_and_count_the_requests_made(served):
     for _ in range(3):
         assert post(served['url'] + ':predict', {'instances': PIXELS}).status_code == 200
     assert post(served['url'] + ':predict', {'instances': [[0] * 783]}).status_code == 400
+    assert requests.post(served['url'] + ':predict', data=b' ' * (MAX_REQUEST_BYTES + 1), timeout=30).status_code == 413
     assert requests.get(served['url'], timeout=10).status_code == 200
     assert requests.get(served['url'][:-5] + 'other', timeout=10).status_code == 404
     reply = requests.get(served['metrics'], timeout=10)
@@ -392,6 +393,7 @@ def test_metrics_have_tf_serving_names_and_count_the_requests_made(served):
 
     assert increase(':tensorflow:serving:request_count', model_name='mnist', status='OK') == 4
     assert increase(':tensorflow:serving:request_count', model_name='mnist', status='INVALID_ARGUMENT') == 1
+    assert increase(':tensorflow:serving:request_count', model_name='mnist', status='RESOURCE_EXHAUSTED') == 1
     assert increase(':tensorflow:serving:request_count', model_name='other', status='NOT_FOUND') == 1
     predict = {'model_name': 'mnist', 'API': 'predict', 'entrypoint': 'REST'}
     assert increase(':tensorflow:serving:request_latency_count', **predict) == 3
