@@ -247,11 +247,13 @@ def parse_katib_metrics(text, names):
     return found
 
 
-def run_trial(data, hparams, log_dir, export_dir, model_version):
-    """Trial mode: train and evaluate with mnist.run, print the Katib metric lines; returns the exit code."""
+def run_trial(data, hparams, log_dir, export_dir, model_version, rule):
+    """Trial mode: train and evaluate with mnist.run (exporting under the promotion rule), print the Katib metric
+    lines; returns the exit code."""
     started = time.monotonic()
     try:
-        result = mnist.run(data, hparams, log_dir=log_dir, export_dir=export_dir, model_version=model_version)
+        result = mnist.run(data, hparams, log_dir=log_dir, export_dir=export_dir, model_version=model_version,
+                           rule=rule)
     except (ValueError, OSError) as error:
         print(f'error: trial failed: {error}', file=sys.stderr, flush=True)
         return 1
@@ -446,7 +448,8 @@ def check_data(data):
 TUNED_NAMES = tuple(parameter.name for parameter in SEARCH_SPACE)
 SEARCH_FLAGS = ('output', 'algorithm', 'max_trials', 'parallel', 'max_failed_trials', 'goal', 'space')
 MODE_FLAGS = {
-    'trial': TUNED_NAMES + ('batch_size', 'seed', 'data', 'log_dir', 'export_dir', 'model_version'),
+    'trial': TUNED_NAMES + ('batch_size', 'seed', 'data', 'log_dir', 'export_dir', 'model_version') +
+    tuple(mnist.PROMOTION_DEFAULTS),
     'local': SEARCH_FLAGS + ('stop_at_goal', 'batch_size', 'seed', 'data'),
     'manifest': SEARCH_FLAGS + ('image', 'namespace'),
 }
@@ -481,6 +484,8 @@ def parse_arguments():
                        help='also export the SavedModel under this base folder (default: no export)')
     trial.add_argument('--model_version', type=mnist.non_negative_int, default=0,
                        help='export version (default: %(default)s = the next free one)')
+    # An exported trial reaches the serving folder under the same promotion rule as mnist.py.
+    mnist.add_promotion_arguments(trial)
     search = parser.add_argument_group('local and manifest modes')
     search.add_argument('-o', '--output', default=None,
                         help='manifest mode: YAML file (default: stdout); local mode: results folder '
@@ -525,6 +530,8 @@ def parse_arguments():
     if args.parallel is None:
         args.parallel = LOCAL_PARALLEL_DEFAULT if mode == 'local' else TRIAL_COUNT_DEFAULTS['parallel']
     if mode == 'trial':
+        if args.export_dir is None and mnist.promotion_rule_from(args) != mnist.PROMOTION_DEFAULTS:
+            parser.error('--min_accuracy, --min_improvement and --force_export apply to an export: give --export_dir')
         return mode, args
     try:
         args.space = override_space(SEARCH_SPACE, args.space)
@@ -547,7 +554,8 @@ def main():
         # TensorFlow's start-up notices say nothing a trial's reader can act on (mnist.py quiets them the same way).
         os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
         hparams = mnist.hyperparameters_from(args)
-        return run_trial(args.data, hparams, args.log_dir, args.export_dir, args.model_version)
+        return run_trial(args.data, hparams, args.log_dir, args.export_dir, args.model_version,
+                         mnist.promotion_rule_from(args))
     if mode == 'local':
         return tune_command(args)
     trial_counts = {name: getattr(args, name) for name in TRIAL_COUNT_DEFAULTS}

@@ -5,8 +5,11 @@ Example (the demo's tuned values; run from the repository root or from inside mn
     python3 mnist.py --num_hidden_layer_1=192 --num_hidden_layer_2=64 --dropout=0.4905680409621578 \
         --learning_rate=0.09105850855225119 --epoch=2000
 
-The work is done by four step functions, run in this order: load_data -> train -> evaluate -> export.
-Each one keeps its imports and helpers inside itself and passes data only as files (npz, a model folder, JSON),
+The work is done by five step functions, run in this order: load_data -> train -> evaluate -> export -> promote.
+promote applies the promotion rule: a new version reaches the serving folder only if its test accuracy is at least
+--min_accuracy and at least the served version's (plus --min_improvement); --force_export overrides, and
+`python3 mnist.py --retire N` takes version N out of service again.
+Each step keeps its imports and helpers inside itself and passes data only as files (npz, a model folder, JSON),
 because the KFP pipeline (mnist_pipeline.py) turns the very same functions into lightweight components and the
 Katib trial (../mnist_hyper_tuning.py) calls them too: there is one definition of every step.
 
@@ -25,7 +28,8 @@ Serving contract of an exported version, <export_dir>/<version>/ (saved_model_cl
         input   image_bytes    string  [-1]       PNG or JPEG bytes (base64 {"b64": ...} over REST), any size,
                                                   gray/RGB/RGBA, dark ink on light paper is inverted
         outputs as serving_default
-    assets.extra/run.json: hyperparameters, test accuracy and loss, TensorFlow version, data checksum.
+    assets.extra/run.json: hyperparameters, test accuracy and loss, TensorFlow version, data checksum, the version
+                           and the promotion decision (the baseline version and accuracy it beat, or "forced").
 Scaling happens inside the model: clients send pixels as the images hold them and never divide by 255.
 """
 from __future__ import annotations
@@ -53,6 +57,8 @@ HYPERPARAMETER_DEFAULTS = {
     'batch_size': 256,
     'seed': 0,
 }
+# The promotion rule's settings (see promote): a floor, the margin over the served version, and the override.
+PROMOTION_DEFAULTS = {'min_accuracy': 0.0, 'min_improvement': 0.0, 'force_export': False}
 
 
 def load_data(data: str, dataset_path: OutputPath('npz')):
@@ -393,16 +399,12 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
     return collections.namedtuple('EvaluateOutputs', ['accuracy', 'loss'])(accuracy, loss)
 
 
-def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), export_dir: OutputPath('SavedModel'),
-           model_version: int = 0) -> int:
-    """Export the model as <export_dir>/<version>/ with the signatures serving_default and predict_image (see the
-    module docstring) and return the version. model_version 0 takes one more than the largest version there.
-    The version folder appears at once, by rename, so a polling server never sees it half-written."""
+def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), export_dir: OutputPath('SavedModel')):
+    """Export the model as a SavedModel in the folder export_dir, with the signatures serving_default and
+    predict_image (see the module docstring) and assets.extra/run.json. The export is a candidate: promote()
+    decides whether it becomes a served version."""
     import json
     import os
-    import re
-    import shutil
-    import tempfile
 
     import keras
     import tensorflow as tf
@@ -412,15 +414,6 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
         train_info = json.load(file)
     with open(metrics_path) as file:
         metrics = json.load(file)
-
-    def next_version():
-        return max((int(name) for name in os.listdir(export_dir) if re.fullmatch(r'[0-9]+', name)), default=0) + 1
-
-    os.makedirs(export_dir, exist_ok=True)
-    version = model_version or next_version()
-    version_dir = os.path.join(export_dir, str(version))
-    if os.path.exists(version_dir):
-        raise FileExistsError(f'{version_dir} already exists: choose another model version')
 
     def to_mnist_pixels(image_bytes):
         """Decode one image and normalise it the way MNIST was made, returning 784 pixels of 0-255."""
@@ -481,58 +474,187 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
             return self.serve_pixels(pixels)
 
     serving = MnistServing(model)
-    # Build the version in a hidden folder beside its final place: TF Serving only loads integer folder names,
-    # and a rename within one file system is atomic.
-    staging_dir = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=export_dir)
-    try:
-        # mkdtemp makes the folder private; a server running as another user must be able to read the version.
-        os.chmod(staging_dir, 0o755)
-        tf.saved_model.save(serving, staging_dir, signatures={
-            'serving_default': serving.serve_pixels.get_concrete_function(),
-            'predict_image': serving.serve_image.get_concrete_function()})
-        os.makedirs(os.path.join(staging_dir, 'assets.extra'))
-        while True:
-            run_info = {'model_version': version, 'hyperparameters': train_info['hyperparameters'],
-                        'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
-                        'test_examples': metrics['test_examples'], 'tensorflow_version': tf.__version__,
-                        'data_source': train_info['data_source'], 'data_sha256': train_info['data_sha256']}
-            with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
-                json.dump(run_info, file, indent=2)
-            version_dir = os.path.join(export_dir, str(version))
-            try:
-                if os.path.exists(version_dir):
-                    raise FileExistsError(f'{version_dir} appeared while exporting: choose another model version')
-                os.rename(staging_dir, version_dir)
-                break
-            except OSError:
-                # Another export took this number while this one was written: take the next free one, unless the
-                # number was asked for or the rename failed for another reason (then the number is still free).
-                if model_version or next_version() == version:
-                    raise
-                version = next_version()
-    except BaseException:
-        shutil.rmtree(staging_dir, ignore_errors=True)
-        raise
-    return version
+    tf.saved_model.save(serving, export_dir, signatures={
+        'serving_default': serving.serve_pixels.get_concrete_function(),
+        'predict_image': serving.serve_image.get_concrete_function()})
+    os.makedirs(os.path.join(export_dir, 'assets.extra'), exist_ok=True)
+    run_info = {'hyperparameters': train_info['hyperparameters'], 'accuracy': metrics['accuracy'],
+                'loss': metrics['loss'], 'test_examples': metrics['test_examples'],
+                'tensorflow_version': tf.__version__, 'data_source': train_info['data_source'],
+                'data_sha256': train_info['data_sha256']}
+    with open(os.path.join(export_dir, 'assets.extra', 'run.json'), 'w') as file:
+        json.dump(run_info, file, indent=2)
 
 
-def run(data, hparams, log_dir='', export_dir=None, model_version=0):
-    """Run load_data -> train -> evaluate [-> export] in a temporary folder and return the results as a dict."""
+def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_metrics_path: OutputPath('Metrics'),
+            mlpipeline_ui_metadata_path: OutputPath('UI_metadata'), min_accuracy: float = 0.0,
+            min_improvement: float = 0.0, force_export: bool = False, model_version: int = 0
+            ) -> NamedTuple('PromoteOutputs', [('promoted', bool), ('model_version', int), ('decision', str)]):
+    """Copy the exported candidate into serving_dir (the folder of integer versions that TF Serving polls) as a new
+    version, but only if it is at least as good as the version served now. The rule:
+      - its test accuracy >= min_accuracy (a floor), and
+      - its test accuracy >= the accuracy in assets.extra/run.json of the largest version there, plus min_improvement
+        (a tie promotes). A served version without a readable run.json counts as unknown: the candidate is promoted.
+    force_export promotes regardless. The version is model_version, or one more than any version there or retired
+    (.retired-N-*), so a number is never reused. It is built under a hidden name and renamed into place, so a polling
+    server never sees it half-written; declined, nothing is left in serving_dir. Prints the decision in one line and
+    writes it as KFP run metrics (promoted 1/0, model-version) and a markdown line for the run's page."""
+    import collections
+    import datetime
+    import json
+    import math
+    import os
+    import re
+    import shutil
+    import sys
+    import tempfile
+
+    if not 0.0 <= min_accuracy <= 1.0:
+        raise ValueError(f'min_accuracy must be a test accuracy in [0, 1], got {min_accuracy}')
+    if not min_improvement >= 0.0:
+        raise ValueError(f'min_improvement must be >= 0, got {min_improvement}')
+    with open(os.path.join(export_dir, 'assets.extra', 'run.json')) as file:
+        run_info = json.load(file)
+    accuracy = float(run_info['accuracy'])
+
+    def numbered(pattern):
+        """The version numbers of the folders in serving_dir whose names match pattern (group 1 is the number)."""
+        names = os.listdir(serving_dir) if os.path.isdir(serving_dir) else []
+        return [int(match.group(1)) for match in map(re.compile(pattern).fullmatch, names) if match]
+
+    def next_version():
+        return max(numbered(r'([0-9]+)') + numbered(r'\.retired-([0-9]+)-.*'), default=0) + 1
+
+    os.makedirs(serving_dir, exist_ok=True)
+    if model_version and os.path.exists(os.path.join(serving_dir, str(model_version))):
+        raise FileExistsError(f'{os.path.join(serving_dir, str(model_version))} already exists: '
+                              f'choose another model version')
+    served_version = max(numbered(r'([0-9]+)'), default=None)
+    served_accuracy = None
+    if served_version is not None:
+        record_path = os.path.join(serving_dir, str(served_version), 'assets.extra', 'run.json')
+        try:
+            with open(record_path) as file:
+                served_accuracy = float(json.load(file)['accuracy'])
+            if not 0.0 <= served_accuracy <= 1.0:
+                raise ValueError(f'accuracy {served_accuracy} is not in [0, 1]')
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            served_accuracy = None
+            reason = 'it has none' if isinstance(error, FileNotFoundError) else f'{type(error).__name__}: {error}'
+            print(f'warning: cannot read the test accuracy of served version {served_version} from {record_path} '
+                  f'({reason}); treating it as unknown', file=sys.stderr, flush=True)
+
+    # Accuracies are counts over the test set; the tolerance keeps a float sum such as 0.97 + 0.01 from refusing a tie.
+    tolerance = 1e-9
+    baseline = '' if served_version is None else (
+        f'version {served_version} (accuracy unknown)' if served_accuracy is None
+        else f'{served_accuracy:.4f} of version {served_version}')
+    refusal = ''
+    if force_export:
+        pass
+    elif not math.isfinite(accuracy):
+        refusal = f'its test accuracy {accuracy} is not a number'
+    elif accuracy + tolerance < min_accuracy:
+        refusal = f'its test accuracy {accuracy:.4f} is below the floor --min_accuracy {min_accuracy:.4f}'
+    elif served_accuracy is not None and accuracy + tolerance < served_accuracy + min_improvement:
+        needed = f' + --min_improvement {min_improvement:.4f}' if min_improvement else ''
+        refusal = f'its test accuracy {accuracy:.4f} is below {baseline}{needed}, which stays in service'
+    if refusal:
+        promoted, version = False, 0
+        line = f'Not promoted: {refusal}; --force_export exports it anyway.'
+    else:
+        decision = 'forced' if force_export else 'promoted'
+        version = model_version or next_version()
+        # Build the version in a hidden folder beside its final place: TF Serving only loads integer folder names,
+        # and a rename within one file system is atomic.
+        staging_dir = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=serving_dir)
+        try:
+            shutil.copytree(export_dir, staging_dir, dirs_exist_ok=True)
+            owner = os.stat(serving_dir)
+            for folder, _, files in os.walk(staging_dir):
+                # mkdtemp makes the folder private; a server running as another user must be able to read it.
+                os.chmod(folder, 0o755)
+                for name in files:
+                    os.chmod(os.path.join(folder, name), 0o644)
+                if os.geteuid() == 0 and owner.st_uid != 0:
+                    # A pipeline step runs as root; the notebook user who owns the folder must be able to retire it.
+                    for path in [folder] + [os.path.join(folder, name) for name in files]:
+                        os.chown(path, owner.st_uid, owner.st_gid)
+            while True:
+                run_info['model_version'] = version
+                run_info['promotion'] = {
+                    'decision': decision, 'baseline_version': served_version, 'baseline_accuracy': served_accuracy,
+                    'min_accuracy': min_accuracy, 'min_improvement': min_improvement,
+                    'promoted_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
+                with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
+                    json.dump(run_info, file, indent=2)
+                version_dir = os.path.join(serving_dir, str(version))
+                try:
+                    if os.path.exists(version_dir):
+                        raise FileExistsError(f'{version_dir} appeared while promoting: choose another model version')
+                    os.rename(staging_dir, version_dir)
+                    break
+                except OSError:
+                    # Another promotion took this number meanwhile: take the next free one, unless the number was
+                    # asked for or the rename failed for another reason (then the number is still free).
+                    if model_version or next_version() == version:
+                        raise
+                    version = next_version()
+        except BaseException:
+            shutil.rmtree(staging_dir, ignore_errors=True)
+            raise
+        promoted = True
+        if force_export:
+            line = f'Forced: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir} without the ' \
+                   f'promotion rule' + (f'; it replaces {baseline}' if baseline else '') + '.'
+        elif served_version is None:
+            line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}, the first ' \
+                   f'version there.'
+        else:
+            line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}; it ' \
+                   f'replaces {baseline}.'
+    print(line, flush=True)
+
+    def write_json(path, content):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, 'w') as file:
+            json.dump(content, file, indent=2)
+
+    write_json(mlpipeline_metrics_path, {'metrics': [
+        {'name': 'promoted', 'numberValue': int(promoted), 'format': 'RAW'},
+        {'name': 'model-version', 'numberValue': version, 'format': 'RAW'},
+    ]})
+    write_json(mlpipeline_ui_metadata_path, {'outputs': [
+        {'type': 'markdown', 'storage': 'inline', 'source': f'## Promotion\n\n{line}\n'}]})
+    return collections.namedtuple('PromoteOutputs', ['promoted', 'model_version', 'decision'])(
+        promoted, version, line)
+
+
+def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
+    """Run load_data -> train -> evaluate [-> export -> promote into export_dir] in a temporary folder and return
+    the results as a dict. rule holds promote()'s min_accuracy, min_improvement and force_export."""
     import json
 
     hparams = {**HYPERPARAMETER_DEFAULTS, **hparams}
     with tempfile.TemporaryDirectory(prefix='mnist-') as work_dir:
-        dataset_path, model_path, metrics_path = (os.path.join(work_dir, name)
-                                                  for name in ('dataset.npz', 'model', 'metrics.json'))
-        load_data(data, dataset_path)
-        train(dataset_path, model_path, log_dir=log_dir, **hparams)
-        accuracy, loss = evaluate(dataset_path, model_path, metrics_path,
-                                  os.path.join(work_dir, 'mlpipeline-metrics.json'),
-                                  os.path.join(work_dir, 'mlpipeline-ui-metadata.json'))
-        with open(os.path.join(model_path, 'train.json')) as file:
+        def path(name):
+            return os.path.join(work_dir, name)
+
+        load_data(data, path('dataset.npz'))
+        train(path('dataset.npz'), path('model'), log_dir=log_dir, **hparams)
+        accuracy, loss = evaluate(path('dataset.npz'), path('model'), path('metrics.json'),
+                                  path('evaluate-kfp-metrics.json'), path('evaluate-kfp-ui-metadata.json'))
+        with open(path('model/train.json')) as file:
             train_info = json.load(file)
-        version = export(model_path, metrics_path, export_dir, model_version) if export_dir else None
-    return {'accuracy': accuracy, 'loss': loss, 'model_version': version,
+        promotion = None
+        if export_dir:
+            export(path('model'), path('metrics.json'), path('export'))
+            promotion = promote(path('export'), export_dir, path('promote-kfp-metrics.json'),
+                                path('promote-kfp-ui-metadata.json'), model_version=model_version,
+                                **{**PROMOTION_DEFAULTS, **(rule or {})})
+    version = promotion.model_version if promotion else None
+    return {'accuracy': accuracy, 'loss': loss, 'promoted': bool(promotion and promotion.promoted),
+            'decision': promotion.decision if promotion else None, 'model_version': version or None,
             'model_path': os.path.join(export_dir, str(version)) if version else None,
             'run_dir': train_info['tensorboard_run_dir'], 'train_seconds': train_info['train_seconds']}
 
@@ -559,6 +681,8 @@ positive_int = _checked(int, 'an integer >= 1', lambda value: value >= 1)
 keep_probability = _checked(float, 'a keep probability in (0, 1]', lambda value: 0.0 < value <= 1.0)
 positive_float = _checked(float, 'a number > 0', lambda value: 0.0 < value < float('inf'))
 non_negative_int = _checked(int, 'an integer >= 0', lambda value: value >= 0)
+accuracy_floor = _checked(float, 'a test accuracy in [0, 1]', lambda value: 0.0 <= value <= 1.0)
+non_negative_float = _checked(float, 'a number >= 0', lambda value: 0.0 <= value < float('inf'))
 
 
 def add_hyperparameter_arguments(parser):
@@ -591,6 +715,44 @@ def hyperparameters_from(args):
     return {name: getattr(args, name) for name in HYPERPARAMETER_DEFAULTS}
 
 
+def add_promotion_arguments(parser):
+    """Add the promotion rule's flags (see promote): shared by this script, the Katib trial and the pipeline."""
+    parser.add_argument('--min_accuracy', type=accuracy_floor, default=PROMOTION_DEFAULTS['min_accuracy'],
+                        help='promote only a model whose test accuracy is at least this, in [0, 1] '
+                             '(default: %(default)s)')
+    parser.add_argument('--min_improvement', type=non_negative_float, default=PROMOTION_DEFAULTS['min_improvement'],
+                        help='promote only a model whose test accuracy is at least the served version\'s plus this, '
+                             '>= 0; 0 promotes a tie (default: %(default)s)')
+    parser.add_argument('--force_export', action='store_true',
+                        help='export as a new version regardless of the promotion rule')
+
+
+def promotion_rule_from(args):
+    """The promotion settings of parsed arguments, as the dict run() takes as its rule."""
+    return {name: getattr(args, name) for name in PROMOTION_DEFAULTS}
+
+
+def retire(export_dir, version):
+    """Take version N out of service: rename <export_dir>/N to the hidden .retired-N-<UTC time> (kept for
+    inspection; servers ignore names that are not integers), so the next largest version is served again.
+    Returns (the new name, the version served now). ValueError if N is not there or is the last version left."""
+    import datetime
+    import re
+
+    versions = sorted(int(name) for name in (os.listdir(export_dir) if os.path.isdir(export_dir) else [])
+                      if re.fullmatch(r'[0-9]+', name))
+    if version not in versions:
+        listed = ', '.join(map(str, versions)) or 'none'
+        raise ValueError(f'{os.path.join(export_dir, str(version))} does not exist (versions there: {listed})')
+    if len(versions) == 1:
+        raise ValueError(f'version {version} is the last one in {export_dir}: retiring it would leave nothing to '
+                         f'serve (export a better one first)')
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    hidden_name = f'.retired-{version}-{stamp}'
+    os.rename(os.path.join(export_dir, str(version)), os.path.join(export_dir, hidden_name))
+    return hidden_name, max(number for number in versions if number != version)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='mnist.py', description=__doc__.split('\n\n')[0])
     add_hyperparameter_arguments(parser)
@@ -600,8 +762,30 @@ def main(argv=None):
                         help='folder of the model versions, which TF Serving polls; empty to train without exporting '
                              '(default: this script\'s folder)')
     parser.add_argument('--model_version', type=positive_int, default=0,
-                        help='integer version to export as (default: one more than the largest version there)')
+                        help='integer version to export as (default: one more than any version there or retired)')
+    add_promotion_arguments(parser)
+    parser.add_argument('--retire', type=positive_int, metavar='N',
+                        help='instead of training: take version N out of service (renamed to a hidden '
+                             '.retired-N-<time> folder in --export_dir), so the previous version is served again')
     args = parser.parse_args(argv)
+    if args.retire is not None:
+        others = [f'--{name}' for name, value in vars(args).items()
+                  if name not in ('retire', 'export_dir') and value != parser.get_default(name)]
+        if others:
+            parser.error(f'--retire takes only --export_dir, not {others[0]}')
+        try:
+            hidden_name, served = retire(args.export_dir, args.retire)
+        except (ValueError, OSError) as error:
+            print(f'mnist.py: error: {error}', file=sys.stderr)
+            return 1
+        now = ('is served again (servers switch within their poll interval)' if served < args.retire
+               else 'stays in service')
+        print(f'Retired version {args.retire}: renamed to {os.path.join(args.export_dir, hidden_name)}; version '
+              f'{served} {now}.')
+        return 0
+
+    if not args.export_dir and promotion_rule_from(args) != PROMOTION_DEFAULTS:
+        parser.error('--min_accuracy, --min_improvement and --force_export apply to an export: --export_dir is empty')
 
     # TensorFlow's start-up notices say nothing the user can act on.
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -621,7 +805,7 @@ def main(argv=None):
             return 1
     try:
         result = run(args.data, hyperparameters_from(args), log_dir=args.log_dir, export_dir=args.export_dir,
-                     model_version=args.model_version)
+                     model_version=args.model_version, rule=promotion_rule_from(args))
     except (ValueError, OSError) as error:
         print(f'mnist.py: error: {error}', file=sys.stderr)
         return 1
@@ -630,9 +814,7 @@ def main(argv=None):
           f'(training took {result["train_seconds"]:.1f} s)')
     if result['run_dir']:
         print(f'TensorBoard logs: {result["run_dir"]}  (view: tensorboard --logdir {args.log_dir})')
-    if result['model_version']:
-        print(f'Model version {result["model_version"]} exported to {result["model_path"]}')
-    else:
+    if not args.export_dir:
         print('Model not exported (--export_dir is empty)')
     print(format_metrics(result['accuracy'], result['loss']), flush=True)
     return 0

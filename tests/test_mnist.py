@@ -43,7 +43,7 @@ def test_cli_trains_and_prints_katib_metrics(cli_runs):
         # 250 steps on 3000 examples already beat chance by far.
         assert 0.8 < named['accuracy'] <= 1.0 and 0.0 < named['loss'] < 1.0
         assert re.search(r'^step +200/250 ', process.stdout, re.MULTILINE)
-        assert 'Model version' in process.stdout and 'TensorBoard logs' in process.stdout
+        assert 'Promoted: version' in process.stdout and 'TensorBoard logs' in process.stdout
 
 
 def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
@@ -57,12 +57,16 @@ def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
         with open(os.path.join(folder, 'assets.extra', 'run.json')) as file:
             record = json.load(file)
         assert record['model_version'] == int(version)
+        # The same seed gives the same accuracy: the second run ties the first, and a tie promotes.
+        assert record['promotion']['decision'] == 'promoted'
+        assert record['promotion']['baseline_version'] == (None if version == '1' else 1)
         assert record['hyperparameters']['num_hidden_layer_1'] == 192
         assert record['hyperparameters']['epoch'] == 250
         assert record['tensorflow_version'].startswith('2.')
         assert re.fullmatch(r'[0-9a-f]{64}', record['data_sha256'])
     stdout = cli_runs['runs'][1].stdout
-    assert re.search(r'Model version 2 exported to .*2$', stdout, re.MULTILINE)
+    assert re.search(r'^Promoted: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2; it replaces 0\.\d{4} of '
+                     r'version 1\.$', stdout, re.MULTILINE)
 
 
 def test_tensorboard_logs_have_scalars_images_and_hparams(cli_runs):
@@ -167,29 +171,6 @@ def test_predict_image_reads_digits_as_users_draw_them(model_base_dir, small_dat
     from_images = loaded.signatures['predict_image'](image_bytes=tf.constant(images))
     agreement = np.mean(from_pixels['digit'].numpy() == from_images['digit'].numpy())
     assert agreement >= 0.95, f'predict_image agrees with serving_default on only {agreement:.1%}'
-
-
-def test_export_numbers_versions_and_ignores_other_folders(trained_steps, tmp_path):
-    for name in ('3', '10', 'data', '.tmp-11-abc', '12x'):
-        (tmp_path / name).mkdir()
-    version = mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path))
-    assert version == 11 and (tmp_path / '11' / 'saved_model.pb').is_file()
-    assert mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path), model_version=5) == 5
-    with pytest.raises(FileExistsError, match='already exists'):
-        mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path), model_version=5)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ['.tmp-11-abc', '10', '11', '12x', '3', '5', 'data']
-
-
-def test_failed_export_leaves_nothing_a_server_could_load(trained_steps, tmp_path, monkeypatch):
-    import tensorflow as tf
-
-    def crash(*args, **kwargs):
-        raise OSError('disk full')
-
-    monkeypatch.setattr(tf.saved_model, 'save', crash)
-    with pytest.raises(OSError, match='disk full'):
-        mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path))
-    assert list(tmp_path.iterdir()) == []
 
 
 def test_dropout_is_a_keep_probability(small_data_path, tmp_path):
@@ -353,24 +334,6 @@ def test_train_takes_a_plain_keras_npz_too(small_data_path, tmp_path):
     with open(tmp_path / 'model' / 'train.json') as file:
         info = json.load(file)
     assert info['data_source'] == small_data_path and info['train_examples'] == 3000
-
-
-def test_export_takes_the_next_number_when_another_export_lands_first(trained_steps, tmp_path, monkeypatch):
-    import tensorflow as tf
-
-    real_save = tf.saved_model.save
-
-    def save_while_another_export_lands(*args, **kwargs):
-        (tmp_path / '1').mkdir()
-        (tmp_path / '1' / 'saved_model.pb').write_bytes(b'another export')
-        real_save(*args, **kwargs)
-
-    monkeypatch.setattr(tf.saved_model, 'save', save_while_another_export_lands)
-    assert mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(tmp_path)) == 2
-    with open(tmp_path / '2' / 'assets.extra' / 'run.json') as file:
-        assert json.load(file)['model_version'] == 2
-    assert (tmp_path / '1' / 'saved_model.pb').read_bytes() == b'another export'
-    assert sorted(path.name for path in tmp_path.iterdir()) == ['1', '2']
 
 
 def test_cli_refuses_an_unwritable_export_folder_before_training(tmp_path):

@@ -261,10 +261,10 @@ def test_one_access_log_line_per_request(served):
     assert 'Traceback' not in log
 
 
-def test_new_version_swaps_in_under_load_without_failed_requests(served):
-    """mnist.export writes version 2 while 4 clients send requests; none fails. Runs last among the tests that
+def test_new_version_swaps_in_under_load_without_failed_requests(served, exported_candidate):
+    """mnist.promote writes version 2 while 4 clients send requests; none fails. Runs last among the tests that
     use the module's server (pytest keeps file order): the tests above expect version 1."""
-    import mnist
+    from conftest import promote_into
 
     failures, successes, stop = [], [], threading.Event()
     body = json.dumps({'instances': np.stack([read_digit(3)]).reshape(1, 784).tolist()}).encode()
@@ -288,8 +288,7 @@ def test_new_version_swaps_in_under_load_without_failed_requests(served):
         client.start()
     try:
         time.sleep(0.3)
-        version = mnist.export(served['steps']['model'], served['steps']['metrics.json'], str(served['base']))
-        assert version == 2
+        assert promote_into(exported_candidate, served['base']).model_version == 2
         wait_for_status(served['url'], [('2', 'AVAILABLE'), ('1', 'END')])
         during_swap = len(successes)
         time.sleep(0.3)
