@@ -624,8 +624,6 @@ def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: 
         print(f'  {name:24s}{path}')
     if result['model_version']:
         print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
-    if result['decision']:
-        print(result['decision'])
     print(mnist.format_metrics(result['accuracy'], result['loss']))
     return 0
 
