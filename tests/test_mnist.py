@@ -84,11 +84,61 @@ def test_tensorboard_logs_have_scalars_images_and_hparams(cli_runs):
         steps = [event.step for event in accumulator.Tensors('loss')]
         assert steps == [200, 250], 'loss is logged over training steps'
     assert {'loss', 'accuracy'} <= set(tags['train']['tensors'])
-    assert {'loss', 'accuracy', 'confusion_matrix', 'sample_predictions'} <= set(tags['validation']['tensors'])
+    assert {'loss', 'accuracy', 'confusion_matrix', 'wrong_predictions'} <= set(tags['validation']['tensors'])
     root = EventAccumulator(run_dir)
     root.Reload()
     assert '_hparams_/session_start_info' in root.PluginTagToContent('hparams')
     assert len([name for name in os.listdir(run_dir) if name.startswith('events.out')]) == 1
+
+
+def read_tensorboard_image(series_dir, tag):
+    """The one image logged under tag: (its pixels as an array, the step, the description TensorBoard shows)."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(series_dir, size_guidance={'tensors': 0})
+    accumulator.Reload()
+    [event] = accumulator.Tensors(tag)
+    width, height, png = tf.make_ndarray(event.tensor_proto)
+    pixels = tf.image.decode_png(png).numpy()
+    assert pixels.shape[:2] == (int(height), int(width))
+    return pixels, event.step, accumulator.SummaryMetadata(tag).summary_description
+
+
+def test_tensorboard_figures_are_readable_pictures(cli_runs):
+    validation_dir = os.path.join(cli_runs['log_dir'], sorted(os.listdir(cli_runs['log_dir']))[0], 'validation')
+    for tag in ('confusion_matrix', 'wrong_predictions'):
+        pixels, step, _ = read_tensorboard_image(validation_dir, tag)
+        assert step == 250
+        # Big enough for ten rows of four-digit counts, small enough for a TensorBoard card.
+        assert 400 <= pixels.shape[1] <= 800 and 300 <= pixels.shape[0] <= 800, pixels.shape
+        colours = pixels[:, :, :3].reshape(-1, 3)
+        assert len(np.unique(colours, axis=0)) > 50, 'a drawn figure, not a blank image'
+    matrix, _, _ = read_tensorboard_image(validation_dir, 'confusion_matrix')
+    red, green, blue = (matrix[:, :, channel].astype(int) for channel in range(3))
+    assert np.sum((red > green + 60) & (red > blue + 60)) > 500, 'mistakes are drawn in red'
+    assert np.sum((blue > red + 60) & (blue > green + 20)) > 500, 'right answers are drawn in blue'
+
+
+def test_wrong_digit_grid_shows_the_most_confident_mistakes(cli_runs, small_data_path):
+    import tensorflow as tf
+
+    validation_dir = os.path.join(cli_runs['log_dir'], sorted(os.listdir(cli_runs['log_dir']))[0], 'validation')
+    _, _, description = read_tensorboard_image(validation_dir, 'wrong_predictions')
+    shown = [int(index) for index in
+             re.search(r'indices in the test set: ([0-9, ]+)\.', description).group(1).split(', ')]
+    # The first run exported version 1: ask it what it predicts for every test digit.
+    with np.load(small_data_path) as data:
+        x_test, y_test = data['x_test'].reshape(-1, 784).astype(np.float32), data['y_test']
+    model = tf.saved_model.load(os.path.join(cli_runs['export_dir'], '1'))
+    probabilities = model.signatures['serving_default'](pixels=tf.constant(x_test))['probabilities'].numpy()
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    wrong = set(np.flatnonzero(predicted != y_test).tolist())
+    assert len(shown) == min(16, len(wrong)) and len(set(shown)) == len(shown)
+    assert set(shown) <= wrong, 'every digit in the grid was predicted wrong'
+    # Most confident first, and no mistake left out was more confident than the ones shown (up to float noise).
+    assert all(earlier >= later - 1e-4 for earlier, later in zip(confidence[shown], confidence[shown][1:]))
+    assert min(confidence[shown]) >= max(confidence[sorted(wrong - set(shown))], default=0.0) - 1e-4
 
 
 CONTRACT_CHECK = r'''
