@@ -16,9 +16,10 @@ changing the space):
     python3 mnist_hyper_tuning.py --katib-experiment -o katib-experiment.yaml
 
 Local mode tunes on this machine with no cluster: trials run in parallel worker processes (each one runs this script
-in trial mode and its output is parsed with Katib's own regular expression), a line per finished trial, a final
-leaderboard, results.csv / results.json (rewritten after every trial, so Ctrl-C keeps what finished), TensorBoard logs
-of every trial under <output>/tensorboard, and the `python3 mnist.py ...` command that retrains the best trial:
+in trial mode and its output is parsed with Katib's own regular expression). It prints a line when a trial starts,
+every 10 s the step and test accuracy of each running trial, a line per finished trial, a final leaderboard and the
+`python3 mnist.py ...` command that retrains the best trial; it writes results.csv / results.json (rewritten after
+every trial, so Ctrl-C keeps what finished) and TensorBoard logs of every trial under <output>/tensorboard:
 
     python3 mnist_hyper_tuning.py --local --max_trials 12 --parallel 2 --seed 0
 """
@@ -91,8 +92,15 @@ PRIMARY_CONTAINER = 'training-container'
 JOB_SUCCESS_CONDITION = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
 JOB_FAILURE_CONDITION = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 MNIST_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(mnist.__file__)), 'mnist.py')
+# Columns of results.csv; the rows are in the order the trials finished. Times are UTC, ISO 8601.
 RESULT_FIELDS = ('trial', 'status', 'accuracy', 'loss') + tuple(parameter.name for parameter in SEARCH_SPACE) + (
-    'started', 'seconds', 'finished', 'error', 'log')
+    'started_at', 'finished_at', 'seconds', 'error', 'log_file')
+# The local tuner is never silent longer than this while trials run: it prints each running trial's progress.
+PROGRESS_SECONDS = 10
+# The trainer's progress line, printed every 200 steps, e.g.
+# `step    200/2000  train loss 0.3331 accuracy 0.9012  test loss 0.2150 accuracy 0.9371  (3.1 s)`.
+TRAINER_PROGRESS_PATTERN = re.compile(
+    r'^step +(\d+)/(\d+) +train loss \S+ accuracy \S+ +test loss \S+ accuracy (\S+)', re.MULTILINE)
 
 
 def grid_values(parameter):
@@ -332,7 +340,13 @@ def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
     running = {}
     records = []
     stop_reason = ''
-    tuner_started = time.monotonic()
+    last_output = time.monotonic()
+
+    def report(line):
+        nonlocal last_output
+        print(line, flush=True)
+        last_output = time.monotonic()
+
     # The trials run in their own sessions, so a `kill` of the tuner must stop them as Ctrl-C does.
     previous_handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -341,11 +355,11 @@ def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
             while pending and len(running) < parallel and not stop_reason:
                 trial_name, hparams = pending.pop(0)
                 process, log_path = start_trial(trial_name, hparams, common_flags, output_dir, environment)
-                started = time.monotonic()
                 record = {'trial': trial_name, 'status': 'running', 'accuracy': None, 'loss': None, **hparams,
-                          'started': round(started - tuner_started, 1), 'seconds': None, 'finished': None,
-                          'error': '', 'log': os.path.relpath(log_path, output_dir)}
-                running[trial_name] = (process, log_path, record, started)
+                          'started_at': utc_time(), 'finished_at': None, 'seconds': None, 'error': '',
+                          'log_file': os.path.relpath(log_path, output_dir)}
+                running[trial_name] = (process, log_path, record, time.monotonic())
+                report(f'{trial_name} started ({len(trials) - len(pending)} of {len(trials)}) | {format_values(record)}')
             if stop_reason and not running:
                 break
             time.sleep(0.2)
@@ -354,14 +368,16 @@ def tune_locally(trials, common_flags, output_dir, parallel, stop_rule):
                     continue
                 del running[trial_name]
                 collect_trial(record, process.returncode, log_path)
-                record.update(seconds=round(time.monotonic() - started, 1), finished=len(records) + 1)
+                record.update(finished_at=utc_time(), seconds=round(time.monotonic() - started, 1))
                 records.append(record)
-                print(progress_line(record, len(trials)), flush=True)
+                report(finished_line(record, len(records), len(trials)))
                 stop_reason = stop_reason or check_stop(records, stop_rule)
                 write_results(output_dir, records, dict(summary, stopped=stop_reason))
             if stop_reason and running:
                 stop_trials(running, records)
                 write_results(output_dir, records, dict(summary, stopped=stop_reason))
+            if running and time.monotonic() - last_output >= PROGRESS_SECONDS:
+                report(running_line(running))
     except KeyboardInterrupt:
         stop_reason = 'interrupted'
         # A second Ctrl-C while the trials are being stopped must not leave any of them running.
@@ -400,18 +416,51 @@ def stop_trials(running, records):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        record.update(status='stopped', seconds=round(time.monotonic() - started, 1), error='stopped by the tuner')
+        record.update(status='stopped', finished_at=utc_time(), seconds=round(time.monotonic() - started, 1),
+                      error='stopped by the tuner')
         records.append(record)
     running.clear()
 
 
-def progress_line(record, total):
-    values = ' '.join(f'{parameter.name} {format_value(record[parameter.name])}' for parameter in SEARCH_SPACE)
+def utc_time():
+    """The time now as the results files write it: UTC, ISO 8601, whole seconds."""
+    return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
+
+
+def format_values(record):
+    return ' '.join(f'{parameter.name} {format_value(record[parameter.name])}' for parameter in SEARCH_SPACE)
+
+
+def finished_line(record, finished, total):
     if record['status'] == 'succeeded':
         outcome = f'accuracy {record["accuracy"]:.4f} loss {record["loss"]:.4f}'
     else:
         outcome = f'FAILED ({record["error"]})'
-    return f'[{record["finished"]}/{total}] {record["trial"]} {outcome} in {record["seconds"]:.0f} s | {values}'
+    return f'[{finished}/{total}] {record["trial"]} {outcome} in {record["seconds"]:.0f} s | {format_values(record)}'
+
+
+def running_line(running):
+    """The running trials, each with its latest step and test accuracy as its own log shows them."""
+    states = []
+    for trial_name, (_, log_path, _, started) in running.items():
+        states.append(f'{trial_name} {trial_progress(log_path)} after {time.monotonic() - started:.0f} s')
+    return 'running: ' + ' | '.join(states)
+
+
+def trial_progress(log_path):
+    """'step 400/2000 test accuracy 0.9512' from the last progress line of a trial's log; 'starting' before it."""
+    try:
+        with open(log_path, 'rb') as log_file:
+            # The progress lines come every 200 steps; the end of the log holds the latest one.
+            log_file.seek(max(0, os.path.getsize(log_path) - 4096))
+            tail = log_file.read().decode('utf-8', errors='replace')
+    except OSError:
+        return 'starting'
+    found = TRAINER_PROGRESS_PATTERN.findall(tail)
+    if not found:
+        return 'starting'
+    step, steps, accuracy = found[-1]
+    return f'step {step}/{steps} test accuracy {accuracy}'
 
 
 def leaderboard(records):

@@ -5,6 +5,7 @@ manifest is checked against the rules of Katib's v1beta1 admission webhook (pkg/
 Run: python -m pytest -q tests/test_hyper_tuning.py
 """
 import csv
+import datetime
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -359,7 +361,7 @@ def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_pat
     # Each log is a trial's merged stdout and stderr, what Katib's collector reads (the pod command ends in
     # `1>file 2>&1`): exactly one fixed-point value per metric, and none at all from the diverged trial.
     for name in ('trial-01', 'trial-02'):
-        log = (output / trials[name]['log']).read_text()
+        log = (output / trials[name]['log_file']).read_text()
         assert katib_values(log) == {'accuracy': [trials[name]['accuracy']], 'loss': [trials[name]['loss']]}
         assert 0.3 < trials[name]['accuracy'] <= 1.0 and trials[name]['loss'] > 0
         metric_lines = [line for line in log.splitlines() if re.match(r'(accuracy|loss)=', line)]
@@ -367,10 +369,14 @@ def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_pat
                                               for line in metric_lines)
     assert trials['trial-03']['learning_rate'] == 1e20
     assert trials['trial-03']['error'].startswith('exit code 1: error:')
-    assert katib_values((output / trials['trial-03']['log']).read_text()) == {'accuracy': [], 'loss': []}
+    assert katib_values((output / trials['trial-03']['log_file']).read_text()) == {'accuracy': [], 'loss': []}
     assert version_folders() == versions_before, 'a trial must not export unless given --export_dir'
+    for trial in trials.values():
+        assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ', trial['started_at']), trial['started_at']
+        started, finished = (datetime.datetime.fromisoformat(trial[key]) for key in ('started_at', 'finished_at'))
+        assert abs((finished - started).total_seconds() - trial['seconds']) <= 1.5
     # The first two trials ran at the same time.
-    assert trials['trial-02']['started'] < trials['trial-01']['started'] + trials['trial-01']['seconds']
+    assert trials['trial-02']['started_at'] < trials['trial-01']['finished_at']
     with open(output / 'results.csv') as table:
         rows = list(csv.DictReader(table))
     assert [row['trial'] for row in rows] == [trial['trial'] for trial in summary['trials']]
@@ -386,6 +392,45 @@ def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_pat
     assert words[2:] == tuning.hyperparameter_flags({name: best[name] for name in tuning.TUNED_NAMES}) + [
         f'--data={small_data_path}']
     assert re.search(r'^\s+1\s+' + best['trial'], result.stdout, re.MULTILINE), 'leaderboard missing the best trial'
+
+
+def test_tuner_reports_each_running_trial_within_its_first_10_seconds(small_data_path, tmp_path):
+    lines = []  # (seconds since the tuner started, line)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, SCRIPT, '--local', '--max_trials', '1', '--parallel', '1', '-o', str(tmp_path / 'tuning'),
+         f'--data={small_data_path}', '--space', 'learning_rate=0.05:0.05:0.05', '--space',
+         'epoch=20000:20000:1000'] + TINY_SPACE, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic() - started, line.rstrip('\n'))
+                                                          for line in process.stdout), daemon=True)
+    reader.start()
+    try:
+        # Wait until the tuner shows the trial's own step count (a long trial: it is stopped once seen).
+        while (process.poll() is None and time.monotonic() - started < 120
+               and not any(re.search(r'step \d+/20000', line) for _, line in lines)):
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    reader.join(timeout=10)
+    printed = '\n'.join(f'{seconds:5.1f} {line}' for seconds, line in lines)
+    assert process.returncode == 130, printed
+    start_seconds, start_line = next((seconds, line) for seconds, line in lines if 'started' in line)
+    assert start_seconds <= 10 and start_line == (
+        'trial-01 started (1 of 1) | num_hidden_layer_1 32 num_hidden_layer_2 16 dropout 1.0 learning_rate 0.05 '
+        'epoch 20000'), printed
+    progress = [(seconds, re.fullmatch(r'running: trial-01 (starting|step (\d+)/20000 test accuracy (0\.\d{4})) after '
+                                       r'\d+ s', line)) for seconds, line in lines if line.startswith('running:')]
+    assert progress and all(match for _, match in progress), printed
+    # Never silent for much longer than 10 s (the tuner looks every 0.2 s; the machine may be busy).
+    times = [seconds for seconds, _ in lines if seconds >= start_seconds]
+    assert all(later - earlier <= 15 for earlier, later in zip(times, times[1:])), printed
+    # The step and accuracy are the trial's own, from the trainer's progress lines in its log.
+    log = (tmp_path / 'tuning' / 'trials' / 'trial-01.log').read_text()
+    step, accuracy = progress[-1][1].group(2, 3)
+    assert re.search(rf'^step +{step}/20000 .*test loss \S+ accuracy {accuracy} ', log, re.MULTILINE), log
 
 
 def test_ctrl_c_keeps_finished_trials(small_data_path, tmp_path):
