@@ -81,7 +81,19 @@ def load_data(data: str, dataset_path: OutputPath('npz')):
     idx_names = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                  't10k-labels-idx1-ubyte')
 
+    def not_mnist(name, reason):
+        return ValueError(f'{name}: not an MNIST npz file or IDX folder ({reason}); expected a Keras-layout .npz '
+                          f'with the arrays {", ".join(keys)}, or a folder of the four MNIST IDX files')
+
     def read_npz(content, name):
+        # An npz file is a zip archive. Anything else would reach numpy's pickle check and fail with a message about
+        # pickled data that says nothing to someone who passed, say, a text file.
+        if content[:2] != b'PK':
+            if content[:3] == b'\x00\x00\x08':
+                raise not_mnist(name, 'one IDX file: pass the folder that holds all four')
+            if content[:2] == b'\x1f\x8b':
+                raise not_mnist(name, 'a gzip file; if it is one IDX file, pass the folder that holds all four')
+            raise not_mnist(name, 'not a zip archive')
         try:
             with np.load(io.BytesIO(content), allow_pickle=False) as npz:
                 missing = [key for key in keys if key not in npz.files]
@@ -89,11 +101,11 @@ def load_data(data: str, dataset_path: OutputPath('npz')):
                     raise ValueError(f'{name}: missing arrays {", ".join(missing)} (expected {", ".join(keys)})')
                 return [npz[key] for key in keys]
         except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+            raise not_mnist(name, f'a broken zip archive: {error}') from None
         except ValueError as error:
             if str(error).startswith(name):
                 raise
-            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+            raise not_mnist(name, f'an unreadable array: {error}') from None
 
     def read_idx(path):
         opener = gzip.open if path.endswith('.gz') else open
@@ -554,6 +566,17 @@ def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
             'run_dir': train_info['tensorboard_run_dir'], 'train_seconds': train_info['train_seconds']}
 
 
+def warn_if_near_chance(accuracy, learning_rate, epoch, prefix='mnist.py: '):
+    """Print a warning to stderr when the test accuracy is near chance (<= 0.2; guessing one of ten digits scores
+    0.1): training did not learn. The run still succeeds, because a Katib trial must record its result however poor."""
+    if accuracy > 0.2:
+        return
+    # The trainer's progress lines come every 200 steps; a run shorter than that may simply have stopped too early.
+    too_short = f', or --epoch {epoch} is too few steps' if epoch < 200 else ''
+    print(f'{prefix}warning: test accuracy {accuracy:.4f} is near chance (0.1), so the model did not learn: '
+          f'--learning_rate {learning_rate:g} is probably too high{too_short}', file=sys.stderr, flush=True)
+
+
 def format_metrics(accuracy, loss):
     """The metric lines Katib's StdOut collector parses (and the only lines that name accuracy and loss so)."""
     return f'accuracy={accuracy:.6f}\nloss={loss:.6f}'
@@ -691,6 +714,7 @@ def main(argv=None):
     if not args.export_dir:
         print('Model not exported (--export_dir is empty)')
     print(format_metrics(result['accuracy'], result['loss']), flush=True)
+    warn_if_near_chance(result['accuracy'], args.learning_rate, args.epoch)
     return 0
 
 

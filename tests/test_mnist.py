@@ -44,6 +44,7 @@ def test_cli_trains_and_prints_katib_metrics(cli_runs):
         assert 0.8 < named['accuracy'] <= 1.0 and 0.0 < named['loss'] < 1.0
         assert re.search(r'^step +200/250 ', process.stdout, re.MULTILINE)
         assert 'Promoted: version' in process.stdout and 'TensorBoard logs' in process.stdout
+        assert 'warning' not in process.stderr
 
 
 def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
@@ -250,6 +251,26 @@ def test_divergence_is_an_error_and_exports_nothing(small_data_path, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_that_did_not_learn_warns_and_still_reports(small_data_path, tmp_path):
+    process = run_script(MNIST_PY, '--data', small_data_path, '--learning_rate=50', '--epoch=200',
+                         '--num_hidden_layer_1=16', '--num_hidden_layer_2=16', '--export_dir', '', '--log_dir', '')
+    # Exit 0 and the metric lines: a Katib trial must record even a useless result.
+    assert process.returncode == 0, process.stderr
+    accuracy = float(re.search(r'^accuracy=(\S+)$', process.stdout, re.MULTILINE).group(1))
+    assert accuracy <= 0.2
+    assert process.stderr == (f'mnist.py: warning: test accuracy {accuracy:.4f} is near chance (0.1), so the model '
+                              f'did not learn: --learning_rate 50 is probably too high\n')
+
+
+def test_near_chance_warning_names_short_runs_and_stays_quiet_above_0_2(capsys):
+    mnist.warn_if_near_chance(0.2, 0.01, 20)
+    assert capsys.readouterr().err == ('mnist.py: warning: test accuracy 0.2000 is near chance (0.1), so the model '
+                                       'did not learn: --learning_rate 0.01 is probably too high, or --epoch 20 is '
+                                       'too few steps\n')
+    mnist.warn_if_near_chance(0.2001, 50, 2000)
+    assert capsys.readouterr().err == ''
+
+
 def write_idx(path, array, compress):
     header = bytes([0, 0, 8, array.ndim]) + b''.join(size.to_bytes(4, 'big') for size in array.shape)
     content = header + array.astype(np.uint8).tobytes()
@@ -317,7 +338,13 @@ def test_load_data_rejects_truncated_idx(tmp_path, small_data_path):
 @pytest.mark.parametrize('make_data, message', [
     (lambda folder: str(folder / 'missing.npz'), 'no such file or folder'),
     (lambda folder: (folder / 'corrupt.npz').write_bytes(b'PK\x03\x04 not really a zip') and
-     str(folder / 'corrupt.npz'), 'not a readable npz file'),
+     str(folder / 'corrupt.npz'), 'not an MNIST npz file or IDX folder (a broken zip archive: '),
+    # Without its own check numpy would say "Cannot load file containing pickled data".
+    (lambda folder: (folder / 'notes.npz').write_text('not data') and str(folder / 'notes.npz'),
+     'notes.npz: not an MNIST npz file or IDX folder (not a zip archive); expected a Keras-layout .npz with the '
+     'arrays x_train, y_train, x_test, y_test, or a folder of the four MNIST IDX files'),
+    (lambda folder: write_idx(folder / 'train-images-idx3-ubyte.gz', np.zeros((2, 28, 28), np.uint8), compress=True)
+     or str(folder / 'train-images-idx3-ubyte.gz'), 'if it is one IDX file, pass the folder that holds all four'),
     (lambda folder: bad_npz(folder / 'wrong.npz', x_test=np.zeros((5, 32, 32), np.uint8)), 'shape'),
 ])
 def test_cli_data_errors_are_one_line_and_exit_1(tmp_path, make_data, message):
