@@ -309,8 +309,9 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
         # close) and a notebook that calls train() keeps its own plotting backend.
         import io
 
-        import matplotlib
+        from matplotlib import colormaps, colors, style
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
         from matplotlib.figure import Figure
 
         def to_image(figure):
@@ -326,9 +327,9 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
             right = np.eye(10, dtype=bool)
             recall = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
             errors = np.where(right, 0, confusion)
-            error_scale = matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=max(int(errors.max()), 1))
-            colours = matplotlib.colormaps['Reds'](error_scale(errors))
-            colours[right] = matplotlib.colormaps['Blues'](0.3 + 0.6 * recall)
+            error_scale = colors.PowerNorm(0.5, vmin=0, vmax=max(int(errors.max()), 1))
+            colours = colormaps['Reds'](error_scale(errors))
+            colours[right] = colormaps['Blues'](0.3 + 0.6 * recall)
             colours[(errors == 0) & ~right] = (1.0, 1.0, 1.0, 1.0)
             figure = Figure(figsize=(5.4, 4.8), dpi=100, layout='constrained')
             axes = figure.add_subplot()
@@ -347,7 +348,7 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
             total = int(confusion.sum())
             axes.set_title(f'{total - int(errors.sum())} of {total} test digits right '
                            f'({1 - errors.sum() / max(total, 1):.2%})', fontsize=11)
-            colour_bar = figure.colorbar(matplotlib.cm.ScalarMappable(error_scale, 'Reds'), ax=axes, shrink=0.8)
+            colour_bar = figure.colorbar(ScalarMappable(error_scale, 'Reds'), ax=axes, shrink=0.8)
             colour_bar.set_label('wrong predictions in a cell', fontsize=10)
             return figure
 
@@ -371,7 +372,7 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
             return figure, shown
 
         # Matplotlib's default style, whatever style the caller has set, so that every run draws the same pictures.
-        with matplotlib.style.context('default'):
+        with style.context('default'):
             matrix = to_image(draw_confusion_matrix(confusion))
             mistakes, shown = draw_mistakes(x_test, y_test, probabilities)
             mistakes = to_image(mistakes)

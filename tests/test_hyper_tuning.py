@@ -363,15 +363,17 @@ def test_trial_with_unreadable_data_fails_in_one_line(tmp_path):
     assert local.returncode == 1 and local.stderr.startswith('error:') and 'Traceback' not in local.stderr
 
 
-def test_trial_that_did_not_learn_reports_its_metrics_and_warns(small_data_path):
-    result = run_script(['--learning_rate=50', '--epoch=200', '--num_hidden_layer_1=16', '--num_hidden_layer_2=16',
-                         f'--data={small_data_path}'], timeout=120)
+def test_trial_that_did_not_learn_reports_its_metrics_and_warns(small_data_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, 'argv', ['mnist_hyper_tuning.py', '--learning_rate=50', '--epoch=200',
+                                      '--num_hidden_layer_1=16', '--num_hidden_layer_2=16', f'--data={small_data_path}'])
+    exit_code = tuning.main()
+    captured = capsys.readouterr()
     # Katib must record the trial: exit 0 and exactly one value per metric, the warning adding none.
-    assert result.returncode == 0, result.stderr
-    values = katib_values(result.stdout + result.stderr)
+    assert exit_code == 0, captured.err
+    values = katib_values(captured.out + captured.err)
     assert len(values['accuracy']) == 1 and values['accuracy'][0] <= 0.2 and len(values['loss']) == 1
-    assert result.stderr.startswith('warning: test accuracy ') and result.stderr.count('\n') == 1
-    assert '--learning_rate 50 is probably too high' in result.stderr
+    assert captured.err.startswith('warning: test accuracy ') and captured.err.count('\n') == 1
+    assert '--learning_rate 50 is probably too high' in captured.err
 
 
 def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_path, tmp_path):
