@@ -81,7 +81,19 @@ def load_data(data: str, dataset_path: OutputPath('npz')):
     idx_names = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
                  't10k-labels-idx1-ubyte')
 
+    def not_mnist(name, reason):
+        return ValueError(f'{name}: not an MNIST npz file or IDX folder ({reason}); expected a Keras-layout .npz '
+                          f'with the arrays {", ".join(keys)}, or a folder of the four MNIST IDX files')
+
     def read_npz(content, name):
+        # An npz file is a zip archive. Anything else would reach numpy's pickle check and fail with a message about
+        # pickled data that says nothing to someone who passed, say, a text file.
+        if content[:2] != b'PK':
+            if content[:3] == b'\x00\x00\x08':
+                raise not_mnist(name, 'one IDX file: pass the folder that holds all four')
+            if content[:2] == b'\x1f\x8b':
+                raise not_mnist(name, 'a gzip file; if it is one IDX file, pass the folder that holds all four')
+            raise not_mnist(name, 'not a zip archive')
         try:
             with np.load(io.BytesIO(content), allow_pickle=False) as npz:
                 missing = [key for key in keys if key not in npz.files]
@@ -89,11 +101,11 @@ def load_data(data: str, dataset_path: OutputPath('npz')):
                     raise ValueError(f'{name}: missing arrays {", ".join(missing)} (expected {", ".join(keys)})')
                 return [npz[key] for key in keys]
         except (zipfile.BadZipFile, OSError, EOFError) as error:
-            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+            raise not_mnist(name, f'a broken zip archive: {error}') from None
         except ValueError as error:
             if str(error).startswith(name):
                 raise
-            raise ValueError(f'{name}: not a readable npz file ({error})') from None
+            raise not_mnist(name, f'an unreadable array: {error}') from None
 
     def read_idx(path):
         opener = gzip.open if path.endswith('.gz') else open
@@ -287,51 +299,89 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
                        'dropout': dropout, 'learning_rate': learning_rate, 'epoch': epoch,
                        'batch_size': batch_size, 'seed': seed}
     if writers:
-        # The pictures are drawn with numpy and a 3x5 pixel font, so that the step needs no plotting library.
-        glyphs = ['111101101101111', '010110010010111', '111001111100111', '111001111001111', '101101111001001',
-                  '111100111001111', '111100111101111', '111001001001001', '111101111101111', '111101111001111']
+        probabilities = np.concatenate([model.predict_on_batch(x_test[start:start + 2000].astype(np.float32))
+                                        for start in range(0, len(x_test), 2000)])
+        predictions = probabilities.argmax(axis=1)
+        confusion = np.bincount(y_test.astype(np.int64) * 10 + predictions, minlength=100).reshape(10, 10)
+        # matplotlib is imported here, on the only path that draws TensorBoard images: the pipeline runs this step in
+        # the tensorflow/tensorflow image, which has no matplotlib, and passes no log_dir. The figures use
+        # matplotlib's object API on an Agg canvas instead of pyplot, so no figure is registered anywhere (nothing to
+        # close) and a notebook that calls train() keeps its own plotting backend.
+        import io
 
-        def draw_number(canvas, number, top, left, colour, scale=2):
-            for position, character in enumerate(str(number)):
-                glyph = np.array([int(bit) for bit in glyphs[int(character)]], dtype=bool).reshape(5, 3)
-                glyph = glyph.repeat(scale, axis=0).repeat(scale, axis=1)
-                column = left + position * 4 * scale
-                canvas[top:top + 5 * scale, column:column + 3 * scale][glyph] = colour
+        from matplotlib import colormaps, colors, style
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.figure import Figure
 
-        def render_confusion_matrix(confusion):
-            # Rows are true digits, columns predicted ones; the shade is the share of the true digit's examples.
-            cell_height, cell_width = 16, 36
-            canvas = np.full((11 * cell_height, 11 * cell_width, 3), 255, dtype=np.uint8)
-            shares = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-            for digit in range(10):
-                draw_number(canvas, digit, 3, (digit + 1) * cell_width + 14, (0, 0, 0))
-                draw_number(canvas, digit, (digit + 1) * cell_height + 3, 14, (0, 0, 0))
-            for true_digit in range(10):
-                for predicted in range(10):
-                    top, left = (true_digit + 1) * cell_height, (predicted + 1) * cell_width
-                    shade = int(255 * (1 - shares[true_digit, predicted]))
-                    canvas[top:top + cell_height, left:left + cell_width] = (shade, shade, 255)
-                    text_colour = (255, 255, 255) if shade < 128 else (0, 0, 0)
-                    draw_number(canvas, confusion[true_digit, predicted], top + 3, left + 2, text_colour)
-            return canvas
+        def to_image(figure):
+            """The figure as a [1, height, width, 3] image, through PNG bytes as TensorFlow's recipe for logging a
+            confusion matrix to TensorBoard does."""
+            png = io.BytesIO()
+            FigureCanvasAgg(figure).print_png(png)
+            return tf.image.decode_png(png.getvalue(), channels=3)[None]
 
-        def render_predictions(pixels, true_digits, predicted_digits, columns=6):
-            # Each test digit at twice its size, its predicted digit in green when right and red when wrong.
-            tiles = []
-            for image, true_digit, predicted in zip(pixels, true_digits, predicted_digits):
-                tile = np.repeat(image.reshape(28, 28, 1).astype(np.uint8), 3, axis=2).repeat(2, 0).repeat(2, 1)
-                draw_number(tile, predicted, 2, 2, (0, 200, 0) if predicted == true_digit else (255, 0, 0))
-                tiles.append(np.pad(tile, ((1, 1), (1, 1), (0, 0)), constant_values=128))
-            rows = [np.concatenate(tiles[start:start + columns], axis=1) for start in range(0, len(tiles), columns)]
-            return np.concatenate(rows, axis=0)
+        def draw_confusion_matrix(confusion):
+            # Right answers (the diagonal) are blue by the share of the digit recognised; mistakes are red on a scale
+            # of their own, up to the most frequent one, so that even a few errors stand out from the white zeros.
+            right = np.eye(10, dtype=bool)
+            recall = confusion.diagonal() / np.maximum(confusion.sum(axis=1), 1)
+            errors = np.where(right, 0, confusion)
+            error_scale = colors.PowerNorm(0.5, vmin=0, vmax=max(int(errors.max()), 1))
+            colours = colormaps['Reds'](error_scale(errors))
+            colours[right] = colormaps['Blues'](0.3 + 0.6 * recall)
+            colours[(errors == 0) & ~right] = (1.0, 1.0, 1.0, 1.0)
+            figure = Figure(figsize=(5.4, 4.8), dpi=100, layout='constrained')
+            axes = figure.add_subplot()
+            axes.imshow(colours)
+            for true_digit, predicted in np.ndindex(10, 10):
+                count = confusion[true_digit, predicted]
+                red, green, blue, _ = colours[true_digit, predicted]
+                text_colour = ('white' if 0.299 * red + 0.587 * green + 0.114 * blue < 0.6
+                               else 'black' if count else '#b0b0b0')
+                axes.text(predicted, true_digit, str(count), ha='center', va='center', fontsize=10, color=text_colour)
+            axes.set_xticks(range(10))
+            axes.set_yticks(range(10))
+            axes.tick_params(length=0)
+            axes.set_xlabel('predicted digit', fontsize=11)
+            axes.set_ylabel('true digit', fontsize=11)
+            total = int(confusion.sum())
+            axes.set_title(f'{total - int(errors.sum())} of {total} test digits right '
+                           f'({1 - errors.sum() / max(total, 1):.2%})', fontsize=11)
+            colour_bar = figure.colorbar(ScalarMappable(error_scale, 'Reds'), ax=axes, shrink=0.8)
+            colour_bar.set_label('wrong predictions in a cell', fontsize=10)
+            return figure
 
-        predictions = np.concatenate([model.predict_on_batch(x_test[start:start + 2000].astype(np.float32))
-                                      for start in range(0, len(x_test), 2000)]).argmax(axis=1)
-        confusion = np.bincount(y_test * 10 + predictions, minlength=100).reshape(10, 10)
+        def draw_mistakes(pixels, true_digits, probabilities, columns=4, rows=4):
+            """The test digits predicted wrong, most confident first; returns the figure and their test indices."""
+            predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+            wrong = np.flatnonzero(predicted != true_digits)
+            shown = wrong[np.argsort(-confidence[wrong], kind='stable')][:columns * rows]
+            rows = max(1, math.ceil(len(shown) / columns))
+            figure = Figure(figsize=(columns * 1.5, rows * 1.45 + 0.3), dpi=100, layout='constrained')
+            figure.suptitle(f'{len(wrong)} of {len(true_digits)} test digits wrong; '
+                            f'{"the most confident mistakes" if len(shown) else "no mistakes"}', fontsize=11)
+            for position, index in enumerate(shown):
+                axes = figure.add_subplot(rows, columns, position + 1)
+                # Dark ink on white paper, as people write digits (MNIST stores them light on dark).
+                axes.imshow(pixels[index].reshape(28, 28), cmap='gray_r', vmin=0, vmax=255)
+                # Rounded down, so that a mistake is never shown as 100% sure.
+                percent = math.floor(100 * confidence[index])
+                axes.set_title(f'true {true_digits[index]} -> {predicted[index]} ({percent}%)', fontsize=11)
+                axes.set_axis_off()
+            return figure, shown
+
+        # Matplotlib's default style, whatever style the caller has set, so that every run draws the same pictures.
+        with style.context('default'):
+            matrix = to_image(draw_confusion_matrix(confusion))
+            mistakes, shown = draw_mistakes(x_test, y_test, probabilities)
+            mistakes = to_image(mistakes)
         with writers['validation'].as_default(step=epoch):
-            tf.summary.image('confusion_matrix', render_confusion_matrix(confusion)[None], step=epoch)
-            tf.summary.image('sample_predictions',
-                             render_predictions(x_test[:36], y_test[:36], predictions[:36])[None], step=epoch)
+            tf.summary.image('confusion_matrix', matrix,
+                             description='Test digits by true digit (rows) and predicted digit (columns).')
+            tf.summary.image('wrong_predictions', mistakes,
+                             description='Test digits the model got wrong, most confident mistakes first. Their '
+                                         f'indices in the test set: {", ".join(str(index) for index in shown)}.')
         from tensorboard.plugins.hparams import api as hparams_api
         with tf.summary.create_file_writer(run_dir).as_default():
             hparams_api.hparams(hyperparameters, trial_id=os.path.basename(run_dir))
@@ -517,6 +567,17 @@ def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
             'run_dir': train_info['tensorboard_run_dir'], 'train_seconds': train_info['train_seconds']}
 
 
+def warn_if_near_chance(accuracy, learning_rate, epoch, prefix='mnist.py: '):
+    """Print a warning to stderr when the test accuracy is near chance (<= 0.2; guessing one of ten digits scores
+    0.1): training did not learn. The run still succeeds, because a Katib trial must record its result however poor."""
+    if accuracy > 0.2:
+        return
+    # The trainer's progress lines come every 200 steps; a run shorter than that may simply have stopped too early.
+    too_short = f', or --epoch {epoch} is too few steps' if epoch < 200 else ''
+    print(f'{prefix}warning: test accuracy {accuracy:.4f} is near chance (0.1), so the model did not learn: '
+          f'--learning_rate {learning_rate:g} is probably too high{too_short}', file=sys.stderr, flush=True)
+
+
 def format_metrics(accuracy, loss):
     """The metric lines Katib's StdOut collector parses (and the only lines that name accuracy and loss so)."""
     return f'accuracy={accuracy:.6f}\nloss={loss:.6f}'
@@ -654,6 +715,7 @@ def main(argv=None):
     if not args.export_dir:
         print('Model not exported (--export_dir is empty)')
     print(format_metrics(result['accuracy'], result['loss']), flush=True)
+    warn_if_near_chance(result['accuracy'], args.learning_rate, args.epoch)
     return 0
 
 

@@ -158,6 +158,33 @@ def test_component_source_is_the_step_function(workflow, template_name):
     assert ast.dump(embedded) == ast.dump(original)
 
 
+NO_MATPLOTLIB = r'''
+import sys
+sys.modules['matplotlib'] = None  # Any import of matplotlib now fails, as in the tensorflow/tensorflow image.
+import mnist
+data, work = sys.argv[1:]
+mnist.load_data(data, work + '/dataset.npz')
+tiny = dict(num_hidden_layer_1=16, num_hidden_layer_2=16, epoch=20, batch_size=128)
+mnist.train(work + '/dataset.npz', work + '/model', log_dir='', **tiny)
+print('trained without logs')
+# The check itself works: with a log folder, train() draws its figures and needs matplotlib.
+try:
+    mnist.train(work + '/dataset.npz', work + '/model-with-logs', log_dir=work + '/logs', **tiny)
+except ImportError as error:
+    print('with logs:', error)
+'''
+
+
+def test_train_step_runs_in_an_image_without_matplotlib(workflow, small_data_path, tmp_path):
+    arguments = _templates(workflow)['train']['container']['args']
+    assert arguments[arguments.index('--log-dir') + 1] == '', 'the pipeline writes no TensorBoard logs'
+    process = subprocess.run([sys.executable, '-c', NO_MATPLOTLIB, small_data_path, str(tmp_path)],
+                             cwd=os.path.join(REPO, 'mnist_model'), capture_output=True, text=True, timeout=180)
+    assert process.returncode == 0, process.stderr
+    results = [line for line in process.stdout.splitlines() if not line.startswith('step ')]
+    assert results == ['trained without logs', 'with logs: import of matplotlib halted; None in sys.modules'], results
+
+
 # ---------------------------------------------------------------------------------------------------- local run
 
 def run_locally(data, pipeline_root, serving_dir, hparams):
