@@ -12,7 +12,7 @@ import time
 # connections (updates, sync, safe browsing), which a closed network refuses.
 CHROMIUM_FLAGS = ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage',
                   '--disable-background-networking', '--disable-component-update', '--disable-sync',
-                  '--no-first-run', '--window-size=900,760', '--force-device-scale-factor=1')
+                  '--no-first-run', '--window-size=900,800', '--force-device-scale-factor=1')
 ANSWER_TIMEOUT_SECONDS = 30
 
 

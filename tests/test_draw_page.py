@@ -105,7 +105,7 @@ def test_page_is_served_at_paths_tf_serving_does_not_use(server):
     assert requests.get(server['url'] + '/drawing', timeout=10).status_code == 400
 
 
-def test_page_reads_digits_drawn_with_mouse_pen_and_touch(server, browser, drawings, tmp_path):
+def test_page_reads_digits_drawn_with_mouse_pen_and_touch(browser, server, drawings, tmp_path):
     browser.open(server['url'] + '/')
     assert browser.text('version') == f'Serving model {MODEL_NAME}, version 1.'
     for pointer, index in DRAWINGS.items():
@@ -123,7 +123,7 @@ def test_page_reads_digits_drawn_with_mouse_pen_and_touch(server, browser, drawi
     assert Image.open(tmp_path / 'draw.png').size[0] >= 800
 
 
-def test_buttons_and_keyboard(server, browser, drawings):
+def test_buttons_and_keyboard(browser, server, drawings):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
@@ -155,7 +155,7 @@ def test_buttons_and_keyboard(server, browser, drawings):
     assert browser.state() == 'idle'
 
 
-def test_file_input_sends_a_photo_and_shows_the_servers_error(server, browser, drawings, tmp_path):
+def test_file_input_sends_a_photo_and_shows_the_servers_error(browser, server, drawings, tmp_path):
     browser.open(server['url'] + '/')
     # A scan: one of the drawings, thin dark ink on gray paper, as JPEG.
     drawing = drawings[DRAWINGS['pen']]
@@ -172,7 +172,7 @@ def test_file_input_sends_a_photo_and_shows_the_servers_error(server, browser, d
     assert browser.text('summary') == 'No answer: see the message below.'
 
 
-def test_page_says_when_the_server_is_gone(server, browser, drawings):
+def test_page_says_when_the_server_is_gone(browser, server, drawings):
     """Last in the module: it stops the server."""
     browser.open(server['url'] + '/')
     server['process'].send_signal(signal.SIGTERM)
