@@ -43,8 +43,12 @@ class Browser:
         for flag in CHROMIUM_FLAGS:
             options.add_argument(flag)
         options.add_argument(f'--user-data-dir={self.profile}')
-        # Both paths are given, so Selenium never runs its manager, which would look for drivers online.
-        self.driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+        # The driver's path is given, so Selenium never runs its manager, which would look for drivers online.
+        try:
+            self.driver = webdriver.Chrome(options=options, service=Service(executable_path=chromedriver))
+        except BaseException:
+            shutil.rmtree(self.profile, ignore_errors=True)
+            raise
 
     def open(self, url):
         self.driver.get(url)
