@@ -13,6 +13,7 @@ Endpoints (NAME is --model_name, N an integer version; without /versions/N the s
     GET  /v1/models/NAME[/versions/N]/metadata    signature_def of the SavedModel
     POST /v1/models/NAME[/versions/N]:predict     {"signature_name"?, "instances" | "inputs"} ->
                                                   {"predictions"} (row format) or {"outputs"} (columnar format)
+    GET  / and /draw                              a page to draw a digit on and see what the model reads (draw.html)
 Errors are {"error": "..."} with HTTP 400 (bad JSON, body or path), 404 (unknown model or version), 405 (wrong
 method), 411 (no Content-Length) or 413 (body over --max_request_bytes). One access line per request goes to stderr.
 
@@ -39,6 +40,9 @@ import numpy as np
 
 DEFAULT_MODEL_BASE_PATH = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SIGNATURE = 'serving_default'
+# The drawing page, at paths TF Serving's REST API does not use.
+DRAW_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'draw.html')
+DRAW_PAGE_PATHS = ('/', '/draw')
 # A client that stops sending in the middle of a request gets its connection closed after this long, so a slow or
 # broken client never holds a server thread for ever.
 CLIENT_TIMEOUT_SECONDS = 30
@@ -385,6 +389,15 @@ def model_metadata(served, model_name):
             'metadata': {'signature_def': {'signature_def': served.signature_defs}}}
 
 
+def draw_page(model_name):
+    """The drawing page as UTF-8 bytes, with the served model's name filled in. Read at every request, so an edited
+    page shows on reload."""
+    import html
+
+    with open(DRAW_PAGE, encoding='utf-8') as page:
+        return page.read().replace('{{model_name}}', html.escape(model_name)).encode('utf-8')
+
+
 def parse_path(path, model_name):
     """Split a request path into (suffix, version); raise RequestError for bad paths, other models or labels."""
     match = URL_PATTERN.match(path.split('?', 1)[0])
@@ -439,6 +452,21 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != 'HEAD':
             self.wfile.write(payload)
+
+    def send_page(self, payload):
+        """Send an HTML page that may load nothing from elsewhere: its policy allows its own inline script and
+        style, data: images, and requests to this server only."""
+        self.reply_status = 200
+        self.reply_bytes = len(payload)
+        self.send_response(200)
+        self.send_header('Content-Type', 'text/html; charset=utf-8')
+        self.send_header('Content-Length', str(len(payload)))
+        self.send_header('Content-Security-Policy', "default-src 'none'; script-src 'unsafe-inline'; "
+                                                    "style-src 'unsafe-inline'; img-src data: blob:; "
+                                                    "connect-src 'self'")
+        self.send_header('Cache-Control', 'no-cache')
+        self.end_headers()
+        self.wfile.write(payload)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, oversized headers, ...) as JSON too."""
@@ -502,6 +530,9 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             # Read the body first: an error answered before it would leave its bytes on the kept-alive connection.
             raw_body = self.read_body() if method == 'POST' else b''
+            if method == 'GET' and self.path.split('?', 1)[0] in DRAW_PAGE_PATHS:
+                self.send_page(draw_page(repository.model_name))
+                return
             suffix, version = parse_path(self.path, repository.model_name)
             if method == 'GET':
                 if suffix not in ('', '/metadata'):
