@@ -214,10 +214,14 @@ class Demo:
     def steps_flags(self):
         return ['--epoch=200'] if self.quick else []
 
+    def output_flags(self):
+        """Where a training run of the demo exports to and logs to."""
+        return [f'--export_dir={display_path(self.serving_dir)}',
+                f'--log_dir={display_path(os.path.join(self.report_dir, "tensorboard"))}']
+
     def train(self):
         output = self.run_command('train', ['python3', MNIST_PY, *self.data_flags, *self.steps_flags(),
-                                            f'--export_dir={display_path(self.serving_dir)}',
-                                            f'--log_dir={display_path(os.path.join(self.report_dir, "tensorboard"))}'])
+                                            *self.output_flags()])
         self.record_decisions('train', output)
 
     def pipeline(self):
@@ -252,9 +256,7 @@ class Demo:
         best = next(trial for trial in self.summary['tuning']['trials'] if trial['trial'] == best_name)
         names = ('num_hidden_layer_1', 'num_hidden_layer_2', 'dropout', 'learning_rate', 'epoch')
         flags = [f'--{name}={best[name]}' for name in names]
-        output = self.run_command('retrain', ['python3', MNIST_PY, *flags, *self.data_flags,
-                                              f'--export_dir={display_path(self.serving_dir)}',
-                                              f'--log_dir={display_path(os.path.join(self.report_dir, "tensorboard"))}'])
+        output = self.run_command('retrain', ['python3', MNIST_PY, *flags, *self.data_flags, *self.output_flags()])
         self.record_decisions('retrain', output)
 
     def serve(self):
@@ -265,7 +267,8 @@ class Demo:
         log = open(os.path.join(self.report_dir, stage['log']), 'a', encoding='utf-8')
         for _ in range(3):  # A port taken between choosing it and binding it is tried again with another one.
             port = free_port()
-            argv = ['python3', SERVER_PY, f'--rest_api_port={port}', f'--model_base_path={display_path(self.serving_dir)}']
+            argv = ['python3', SERVER_PY, f'--rest_api_port={port}',
+                    f'--model_base_path={display_path(self.serving_dir)}']
             stage['commands'] = [shlex.join(argv)]
             log.write(f'$ {shlex.join(argv)}\n')
             log.flush()

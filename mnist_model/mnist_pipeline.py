@@ -1,8 +1,8 @@
 """Kubeflow Pipelines (v1) pipeline for the MNIST demo: compile it, run it locally, upload, run and schedule it.
 
 The pipeline is the trainer's own step functions from mnist.py -- load_data -> train -> evaluate -> export [->
-promote] -- turned into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned TensorFlow image with no
-run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
+promote] -- turned into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned
+TensorFlow image with no run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
 folder); only the hyperparameters travel as parameters. The evaluate step writes `mlpipeline_metrics` (accuracy as a
 percentage, loss) and `mlpipeline_ui_metadata` (confusion matrix and a markdown summary) for the run's page.
 
