@@ -1,13 +1,20 @@
 """Kubeflow Pipelines (v1) pipeline for the MNIST demo: compile it, run it locally, upload, run and schedule it.
 
-The pipeline is the trainer's own step functions from mnist.py -- load_data -> train -> evaluate -> export -- turned
-into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned TensorFlow image with no
-run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
+The pipeline is the trainer's own step functions from mnist.py -- load_data -> train -> evaluate -> export [->
+promote] -- turned into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned
+TensorFlow image with no run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
 folder); only the hyperparameters travel as parameters. The evaluate step writes `mlpipeline_metrics` (accuracy as a
 percentage, loss) and `mlpipeline_ui_metadata` (confusion matrix and a markdown summary) for the run's page.
 
+Delivery: with the parameter serving_pvc set to a PersistentVolumeClaim, the promote step mounts that claim and applies
+mnist.py's promotion rule to the new model, copying it into <claim>/<serving_path> as the next version only if it is at
+least as good as the version served there -- so the weekly schedule keeps the InferenceService's TF Serving fresh with
+no redeploy. Its decision shows on the run's page (a markdown line, metrics `promoted` 1/0 and `model-version`).
+With serving_pvc empty (the default) the export stays a run artifact.
+
     cd mnist_model && python3 mnist_pipeline.py          # compile mnist_pipeline.yaml (the file the KFP UI uploads)
     python3 mnist_pipeline.py --run-local                # run the same pipeline here with kfp's LocalClient
+    python3 mnist_pipeline.py --run-local --serving_dir mnist_model   # ... and promote into a local serving folder
     python3 mnist_pipeline.py --host http://localhost:8080 --upload --run --wait --schedule
 
 Cluster actions (each on its own or together; order: upload, run, schedule, then wait):
@@ -46,6 +53,7 @@ import urllib3
 import yaml
 from kfp import components, dsl
 from kfp.components._yaml_utils import dump_yaml
+from kubernetes import client as k8s_client
 
 import mnist
 
@@ -63,6 +71,13 @@ BASE_IMAGE = 'tensorflow/tensorflow:2.19.0'
 # The public copy of the Keras-layout MNIST npz; an air-gapped cluster points data_url at an internal mirror.
 DEFAULT_DATA_URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
 PACKAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_pipeline.yaml')
+# Where the promote step mounts the serving_pvc claim; serving_path is a folder inside it. The default is the folder
+# mnist_model/kserve-inferenceservice.yaml serves: the repository checked out as mlops-demo/ on the notebook's volume.
+SERVING_MOUNT = '/mnt/serving'
+DEFAULT_SERVING_PATH = 'mlops-demo/mnist_model'
+# The serving_pvc value of a local run with --serving_dir: any non-empty name turns delivery on, and the local client
+# maps SERVING_MOUNT to the folder instead of mounting a claim.
+LOCAL_CLAIM = 'local-serving-dir'
 COMPILATION_TIME_ANNOTATION = 'pipelines.kubeflow.org/pipeline_compilation_time'
 TOKEN_FILE = '/var/run/secrets/kubeflow/pipelines/token'
 POLL_SECONDS = 10
@@ -76,15 +91,24 @@ def component_from_step(step):
     function = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
     function.__doc__, function.__kwdefaults__ = step.__doc__, step.__kwdefaults__
     function.__signature__ = inspect.signature(step, globals=names, eval_str=True)
-    return components.create_component_from_func(function, base_image=BASE_IMAGE)
+    factory = components.create_component_from_func(function, base_image=BASE_IMAGE)
+    # kfp 1.8 parses bool arguments with distutils, which Python 3.12 removed; this parser accepts the same words.
+    container = factory.component_spec.implementation.container
+    container.command[-1] = container.command[-1].replace(
+        '    from distutils.util import strtobool\n    return strtobool(s) == 1',
+        "    return {'y': True, 'yes': True, 't': True, 'true': True, 'on': True, '1': True, 'n': False, 'no': False,\n"
+        "            'f': False, 'false': False, 'off': False, '0': False}[s.lower()]")
+    return factory
 
 
 load_data_op = component_from_step(mnist.load_data)
 train_op = component_from_step(mnist.train)
 evaluate_op = component_from_step(mnist.evaluate)
 export_op = component_from_step(mnist.export)
+promote_op = component_from_step(mnist.promote)
 
 DEFAULTS = mnist.HYPERPARAMETER_DEFAULTS
+RULE_DEFAULTS = mnist.PROMOTION_DEFAULTS
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description=PIPELINE_DESCRIPTION)
@@ -95,8 +119,14 @@ def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
                    epoch: int = DEFAULTS['epoch'],
                    batch_size: int = DEFAULTS['batch_size'],
                    seed: int = DEFAULTS['seed'],
-                   data_url: str = DEFAULT_DATA_URL):
-    """Load MNIST, train the MLP, evaluate it on the test set and export a SavedModel version.
+                   data_url: str = DEFAULT_DATA_URL,
+                   serving_pvc: str = '',
+                   serving_path: str = DEFAULT_SERVING_PATH,
+                   min_accuracy: float = RULE_DEFAULTS['min_accuracy'],
+                   min_improvement: float = RULE_DEFAULTS['min_improvement'],
+                   force_export: bool = RULE_DEFAULTS['force_export']):
+    """Load MNIST, train the MLP, evaluate it on the test set and export a SavedModel; with serving_pvc, promote it
+    into that claim's serving_path folder if it is at least as good as the version served there.
 
     dropout is the KEEP probability (1.0 = no dropout); epoch is the number of training steps (mini-batches).
     """
@@ -106,8 +136,19 @@ def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
                      epoch=epoch, batch_size=batch_size, seed=seed)
     evaluation = evaluate_op(dataset=data.outputs['dataset'], model=model.outputs['model'])
     exported = export_op(model=model.outputs['model'], metrics=evaluation.outputs['metrics'])
+    tasks = [data, model, evaluation, exported]
+    with dsl.Condition(serving_pvc != '', name='deliver'):
+        promotion = promote_op(export_dir=exported.outputs['export_dir'],
+                               serving_dir=f'{SERVING_MOUNT}/{serving_path}', min_accuracy=min_accuracy,
+                               min_improvement=min_improvement, force_export=force_export)
+        # The claim's name is the run's parameter: the same compiled pipeline delivers to any notebook's volume.
+        promotion.add_volume(k8s_client.V1Volume(
+            name='serving', persistent_volume_claim=k8s_client.V1PersistentVolumeClaimVolumeSource(
+                claim_name=serving_pvc)))
+        promotion.container.add_volume_mount(k8s_client.V1VolumeMount(name='serving', mount_path=SERVING_MOUNT))
+        tasks.append(promotion)
     # A scheduled weekly run must really re-read the data and retrain, not reuse cached results of the last week.
-    for task in (data, model, evaluation, exported):
+    for task in tasks:
         task.execution_options.caching_strategy.max_cache_staleness = 'P0D'
 
 
@@ -156,16 +197,21 @@ class _StepLog(logging.Handler):
 
 
 class _LocalClient(kfp.LocalClient):
-    """kfp 1.8's LocalClient, with the mlpipeline_metrics and mlpipeline_ui_metadata outputs kept in the run's folder.
+    """kfp 1.8's LocalClient, with the mlpipeline_metrics and mlpipeline_ui_metadata outputs kept in the run's folder,
+    dsl.Condition honoured, and volume mounts mapped to local folders.
 
     kfp treats those two outputs specially and its LocalClient leaves them at the literal /tmp/outputs/... paths of
     the container, shared by every local run on the machine; this puts them next to the step's other outputs and
     records where: special_outputs[(op name, 'mlpipeline-metrics' or 'mlpipeline-ui-metadata')] = path.
+    LocalClient runs the steps of a dsl.Condition whatever its value; here a condition on the run's arguments (a plain
+    value once the pipeline function is called with them) decides. mounts maps a container path, such as the claim
+    mounted at SERVING_MOUNT, to the local folder that stands for it.
     """
 
-    def __init__(self, pipeline_root: str):
+    def __init__(self, pipeline_root: str, mounts: dict = None):
         super().__init__(pipeline_root=pipeline_root)
         self.special_outputs = {}
+        self.mounts = mounts or {}
 
     def _generate_cmd_for_subprocess_execution(self, run_name, pipeline, op, stack):
         command = super()._generate_cmd_for_subprocess_execution(run_name, pipeline, op, stack)
@@ -174,11 +220,25 @@ class _LocalClient(kfp.LocalClient):
             os.makedirs(os.path.dirname(local_path), exist_ok=True)
             command = [local_path if item == container_path else item for item in command]
             self.special_outputs[op.name, output_name] = local_path
+        for container_path, local_path in self.mounts.items():
+            command = [local_path + item[len(container_path):]
+                       if item == container_path or item.startswith(container_path + '/') else item
+                       for item in command]
         return command
 
+    def _run_group(self, run_name, pipeline, pipeline_dag, current_group, stack, execution_mode):
+        # The pipeline's conditions compare run arguments, which are plain values here: a plain bool.
+        if current_group.type == 'condition' and current_group.condition is False:
+            return True
+        # kfp 1.8 returns None for a group whose steps all succeeded, which its caller takes for a failed subgroup.
+        return super()._run_group(run_name, pipeline, pipeline_dag, current_group, stack, execution_mode) is not False
 
-def run_local(data: str, hparams: dict, pipeline_root: str, echo=print) -> dict:
+
+def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_dir: str = None,
+              rule: dict = None) -> dict:
     """Run the pipeline in local processes with kfp's LocalClient; return the output paths and the test metrics.
+    With serving_dir, the promote step applies the promotion rule (mnist.PROMOTION_DEFAULTS overridden by rule)
+    to that folder, as it does to the serving_pvc claim on a cluster.
 
     Raises RuntimeError with a one-line message if a step fails.
     """
@@ -199,11 +259,13 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print) -> dict:
     saved_level = root_logger.level
     root_logger.addHandler(step_log)
     root_logger.setLevel(logging.INFO)
+    mounts = {SERVING_MOUNT: os.path.abspath(serving_dir)} if serving_dir else {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', FutureWarning)
-            client = _LocalClient(pipeline_root=pipeline_root)
-        arguments = dict(hparams, data_url=data)
+            client = _LocalClient(pipeline_root=pipeline_root, mounts=mounts)
+        arguments = dict(hparams, data_url=data, serving_pvc=LOCAL_CLAIM if serving_dir else '', serving_path='',
+                         **{**mnist.PROMOTION_DEFAULTS, **(rule or {})})
         result = client.create_run_from_pipeline_func(
             mnist_pipeline, arguments=arguments,
             execution_mode=kfp.LocalClient.ExecutionMode(mode=kfp.LocalClient.ExecutionMode.LOCAL))
@@ -216,8 +278,7 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print) -> dict:
             else:
                 os.environ[name] = value
         shutil.rmtree(bin_dir, ignore_errors=True)
-    # kfp 1.8 returns None (not True) when every step succeeded, False when one failed.
-    if result.success() is False:
+    if not result.success():
         raise RuntimeError(step_log.failure())
     outputs = {
         'dataset': result.get_output_file('load-data', 'dataset'),
@@ -229,10 +290,18 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print) -> dict:
     }
     with open(outputs['metrics'], encoding='utf-8') as metrics_file:
         metrics = json.load(metrics_file)
-    with open(result.get_output_file('export', 'Output'), encoding='utf-8') as version_file:
-        model_version = int(version_file.read().strip())
-    return {'run_id': result.run_id, 'outputs': outputs, 'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
-            'model_version': model_version}
+    summary = {'run_id': result.run_id, 'outputs': outputs, 'accuracy': metrics['accuracy'], 'loss': metrics['loss'],
+               'promoted': None, 'model_version': None, 'decision': None}
+    if serving_dir:
+        outputs['promote_metrics'] = client.special_outputs['promote', 'mlpipeline-metrics']
+        outputs['promote_ui_metadata'] = client.special_outputs['promote', 'mlpipeline-ui-metadata']
+        promotion = {}
+        for name in ('promoted', 'model_version', 'decision'):
+            with open(result.get_output_file('promote', name), encoding='utf-8') as output_file:
+                promotion[name] = output_file.read()
+        summary.update(promoted=promotion['promoted'] == 'True', model_version=int(promotion['model_version']) or None,
+                       decision=promotion['decision'])
+    return summary
 
 
 def read_credentials() -> dict:
@@ -476,6 +545,18 @@ def main(argv=None) -> int:
                         help='data_url parameter of cluster runs and schedules: a Keras-layout MNIST npz '
                              '(default: %(default)s)')
     mnist.add_hyperparameter_arguments(parser)
+    delivery = parser.add_argument_group(
+        'delivery: the promote step copies the new model into a serving folder, under mnist.py\'s promotion rule')
+    delivery.add_argument('--serving_dir', default=None,
+                          help='with --run-local: the serving folder to promote into (default: none, the export '
+                               'stays a run artifact)')
+    delivery.add_argument('--serving_pvc', default='',
+                          help='with --run/--schedule: the PersistentVolumeClaim holding the serving folder, e.g. the '
+                               'notebook\'s workspace-<notebook> (default: \'\' = deliver nothing)')
+    delivery.add_argument('--serving_path', default=DEFAULT_SERVING_PATH,
+                          help='with --serving_pvc: the serving folder inside the claim (default: %(default)s, the '
+                               'folder mnist_model/kserve-inferenceservice.yaml serves)')
+    mnist.add_promotion_arguments(delivery)
     args = parser.parse_args(argv)
     cluster_action = args.upload or args.run or args.schedule
     if args.host and not cluster_action:
@@ -503,13 +584,25 @@ def main(argv=None) -> int:
     if hparams != mnist.HYPERPARAMETER_DEFAULTS and not (args.run_local or args.run or args.schedule):
         parser.error('hyperparameters are for --run-local, --run and --schedule (the compiled pipeline keeps '
                      'the defaults; its parameters are set per run)')
+    if args.serving_dir is not None and not args.run_local:
+        parser.error('--serving_dir is for --run-local; cluster runs deliver to --serving_pvc')
+    if (args.serving_pvc or args.serving_path != DEFAULT_SERVING_PATH) and not (args.run or args.schedule):
+        parser.error('--serving_pvc and --serving_path are for --run and --schedule; --run-local delivers to '
+                     '--serving_dir')
+    if args.serving_path != DEFAULT_SERVING_PATH and not args.serving_pvc:
+        parser.error('--serving_path needs --serving_pvc (the claim it is a folder of)')
+    rule = mnist.promotion_rule_from(args)
+    if rule != mnist.PROMOTION_DEFAULTS and not (args.serving_dir or args.serving_pvc):
+        parser.error('--min_accuracy, --min_improvement and --force_export apply to a delivery: give --serving_dir '
+                     '(--run-local) or --serving_pvc (--run, --schedule)')
     try:
         if args.run_local:
-            return _print_local_run(args.data, hparams, args.pipeline_root)
+            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
         if cluster_action:
             actions = {name for name in ('upload', 'run', 'schedule', 'wait') if getattr(args, name)}
-            return run_cluster_actions(args.host, args.namespace, actions, dict(hparams, data_url=args.data_url),
-                                       args.timeout)
+            params = dict(hparams, data_url=args.data_url, serving_pvc=args.serving_pvc,
+                          serving_path=args.serving_path, **rule)
+            return run_cluster_actions(args.host, args.namespace, actions, params, args.timeout)
         print(f'Compiled {compile_pipeline(args.package)}')
         return 0
     except kfp_server_api.ApiException as error:
@@ -521,15 +614,16 @@ def main(argv=None) -> int:
     return 1
 
 
-def _print_local_run(data: str, hparams: dict, pipeline_root: str) -> int:
+def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
     pipeline_root = pipeline_root or tempfile.mkdtemp(prefix='mnist-pipeline-')
     data = os.path.abspath(data) if '://' not in data else data
     started = time.monotonic()
-    result = run_local(data, hparams, pipeline_root)
+    result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
     print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
     for name, path in result['outputs'].items():
         print(f'  {name:24s}{path}')
-    print(f'  {"model version":24s}{os.path.join(result["outputs"]["export_dir"], str(result["model_version"]))}')
+    if result['model_version']:
+        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
     print(mnist.format_metrics(result['accuracy'], result['loss']))
     return 0
 

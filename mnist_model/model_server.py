@@ -15,6 +15,7 @@ Endpoints (NAME is --model_name, N an integer version; without /versions/N the l
     POST /v1/models/NAME[/versions/N]:predict     {"signature_name"?, "instances" | "inputs"} ->
                                                   {"predictions"} (row format) or {"outputs"} (columnar format)
     GET  <prometheus_config.path>                 Prometheus metrics, with --monitoring_config_file
+    GET  / and /draw                              a page to draw a digit on and see what the model reads (draw.html)
 Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked (Transfer-Encoding: chunked).
 Concurrent predicts are merged into one signature call (serving_batching.py; on by default, unlike TF Serving:
 --enable_batching=false turns it off). Per-request log lines are opt-in (--access_log), and stderr can never block
@@ -51,6 +52,13 @@ from serving_log import StderrPump, log_line
 from serving_versions import ModelRepository, list_versions
 
 DEFAULT_MODEL_BASE_PATH = os.path.dirname(os.path.abspath(__file__))
+# The drawing page, at paths TF Serving's REST API does not use. It may load nothing from elsewhere: its policy
+# allows its own inline script and style, data: images, and requests to this server only.
+DRAW_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'draw.html')
+DRAW_PAGE_PATHS = ('/', '/draw')
+DRAW_PAGE_HEADERS = ("Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
+                     "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'\r\n"
+                     'Cache-Control: no-cache\r\n')
 # A client that stops sending in the middle of a request gets its connection closed after this long, so a slow or
 # broken client never holds a server thread for ever.
 CLIENT_TIMEOUT_SECONDS = 30
@@ -128,6 +136,16 @@ def model_metadata(served, model_name):
     """Reply body of GET /v1/models/NAME[/versions/N]/metadata."""
     return {'model_spec': {'name': model_name, 'signature_name': '', 'version': str(served.version)},
             'metadata': {'signature_def': {'signature_def': served.signature_defs}}}
+
+
+def draw_page(model_name):
+    """The drawing page as (content type, UTF-8 bytes, extra headers), with the served model's name filled in. Read
+    at every request, so an edited page shows on reload."""
+    import html
+
+    with open(DRAW_PAGE, encoding='utf-8') as page:
+        payload = page.read().replace('{{model_name}}', html.escape(model_name)).encode('utf-8')
+    return 'text/html; charset=utf-8', payload, DRAW_PAGE_HEADERS
 
 
 def parse_path(path):
@@ -316,13 +334,12 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def answer(self, method):
         """Route one request and send its reply; every failure becomes {"error": ...}."""
-        page = self.server.pages.get(self.path.split('?', 1)[0])
+        # Other methods on a page's path are REST API requests, answered "Malformed request" as any path outside it.
+        page = self.server.pages.get(self.path.split('?', 1)[0]) if method == 'GET' else None
         try:
             if page is not None:
-                if method != 'GET':
-                    raise RequestError(405, f'method {method} is not allowed here: use GET')
-                content_type, payload = page()
-                self.send_reply(200, payload, content_type)
+                content_type, payload, headers = page()
+                self.send_reply(200, payload, content_type, headers)
             else:
                 self.counted = True
                 self.send_reply(200, self.answer_api(method))
@@ -390,8 +407,9 @@ class ModelHTTPServer(http.server.ThreadingHTTPServer):
         self.repository = repository
         self.runner = runner
         self.metrics = metrics
-        # Pages outside the REST API, by path: a function returning (content type, body bytes) for GET.
-        self.pages = {}
+        # Pages outside the REST API, by path: a function returning (content type, body bytes, extra header lines)
+        # for GET.
+        self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
         self.date_cache = (0, '')
 
     def http_date(self):
@@ -426,7 +444,7 @@ def serve(settings):
         return 1
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
-        server.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition())
+        server.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), '')
     import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
     repository.refresh(load_standby=False)
     if not list_versions(settings.model_base_path):

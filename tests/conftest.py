@@ -47,8 +47,23 @@ def trained_steps(tmp_path_factory, small_data_path):
 
 
 @pytest.fixture(scope='session')
-def model_base_dir(tmp_path_factory, trained_steps):
+def exported_candidate(tmp_path_factory, trained_steps):
+    """The small model exported as a candidate SavedModel folder (not yet a served version)."""
+    export_dir = str(tmp_path_factory.mktemp('candidate') / 'export')
+    mnist.export(trained_steps['model'], trained_steps['metrics.json'], export_dir)
+    return export_dir
+
+
+def promote_into(candidate, serving_dir, **rule):
+    """promote() the candidate into serving_dir, with its KFP outputs beside serving_dir; returns its outputs."""
+    outputs = os.path.join(os.path.dirname(os.path.abspath(serving_dir)), 'promote-outputs')
+    return mnist.promote(candidate, str(serving_dir), os.path.join(outputs, 'metrics.json'),
+                         os.path.join(outputs, 'ui-metadata.json'), **rule)
+
+
+@pytest.fixture(scope='session')
+def model_base_dir(tmp_path_factory, exported_candidate):
     """An export base folder holding version 1 of the small model; copy it before changing it."""
-    base = tmp_path_factory.mktemp('models')
-    mnist.export(trained_steps['model'], trained_steps['metrics.json'], str(base))
+    base = tmp_path_factory.mktemp('models') / 'mnist_model'
+    promote_into(exported_candidate, base)
     return str(base)

@@ -55,7 +55,7 @@ def b64(data):
 
 
 @pytest.fixture(scope='module')
-def served(tmp_path_factory, model_base_dir, trained_steps):
+def served(tmp_path_factory, model_base_dir):
     """One server for the module. It starts on a folder with no version yet (only folders it must ignore), records
     its answers, then gets version 1 (the small test model) the way an export writes it: complete under a temporary
     name, then renamed. The swap test at the end of this file adds version 2."""
@@ -80,7 +80,7 @@ def served(tmp_path_factory, model_base_dir, trained_steps):
         shutil.copytree(os.path.join(model_base_dir, '1'), base / '.tmp-copy')
         os.rename(base / '.tmp-copy', base / '1')
         wait_for_status(url, [('1', 'AVAILABLE')])
-        yield {'url': url, 'port': port, 'log': log_path, 'base': base, 'steps': trained_steps, 'empty': empty,
+        yield {'url': url, 'port': port, 'log': log_path, 'base': base, 'empty': empty,
                'metrics': f'http://127.0.0.1:{port}{METRICS_PATH}'}
     finally:
         process.send_signal(signal.SIGTERM)
@@ -447,15 +447,14 @@ class SendingClients:
             thread.join(timeout=30)
 
 
-def test_new_version_swaps_in_under_load_without_failed_requests(served):
-    """mnist.export writes version 2 while 4 clients send requests; none fails. Version 1 stays loaded as the
+def test_new_version_swaps_in_under_load_without_failed_requests(served, exported_candidate):
+    """mnist.promote writes version 2 while 4 clients send requests; none fails. Version 1 stays loaded as the
     standby and answers requests that name it, as TF Serving's latest{num_versions: 2} policy does. Runs after
     the tests above, which expect version 1 alone (pytest keeps file order)."""
-    import mnist
+    from conftest import promote_into
 
     with SendingClients(served['port']) as clients:
-        version = mnist.export(served['steps']['model'], served['steps']['metrics.json'], str(served['base']))
-        assert version == 2
+        assert promote_into(exported_candidate, served['base']).model_version == 2
         wait_for_status(served['url'], [('2', 'AVAILABLE'), ('1', 'AVAILABLE')])
         during_swap = len(clients.successes)
     assert clients.failures == []
@@ -472,11 +471,14 @@ def served_version(url):
 
 
 def test_retiring_the_served_version_rolls_back_at_once_without_failed_requests(served):
-    """Version 2's folder is renamed away (as `mnist.py --retire 2` does) while 4 clients send requests: the
-    standby, version 1, answers at once, and no request fails. Runs after the swap test, which added version 2."""
+    """Version 2 is retired with the function behind `mnist.py --retire 2` (its folder renamed to a hidden name)
+    while 4 clients send requests: the standby, version 1, answers at once, and no request fails. Runs after the
+    swap test, which added version 2."""
+    from promote import retire
+
     with SendingClients(served['port']) as clients:
         started = time.monotonic()
-        os.rename(served['base'] / '2', served['base'] / f'.retired-2-{int(time.time())}')
+        assert retire(str(served['base']), 2)[1] == 1
         while served_version(served['url']) != '1' and time.monotonic() - started < 10:
             time.sleep(0.02)
         seconds = time.monotonic() - started

@@ -33,8 +33,10 @@ import mnist_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'mnist_model', 'mnist_pipeline.py')
-STEPS = {'load-data': mnist.load_data, 'train': mnist.train, 'evaluate': mnist.evaluate, 'export': mnist.export}
-PARAMETER_DEFAULTS = dict(mnist.HYPERPARAMETER_DEFAULTS, data_url=mnist_pipeline.DEFAULT_DATA_URL)
+STEPS = {'load-data': mnist.load_data, 'train': mnist.train, 'evaluate': mnist.evaluate, 'export': mnist.export,
+         'promote': mnist.promote}
+PARAMETER_DEFAULTS = dict(mnist.HYPERPARAMETER_DEFAULTS, data_url=mnist_pipeline.DEFAULT_DATA_URL, serving_pvc='',
+                          serving_path='mlops-demo/mnist_model', **mnist.PROMOTION_DEFAULTS)
 # Tiny training for the local run: a slice of the data, small layers, a few hundred steps.
 SMALL_HPARAMS = {'num_hidden_layer_1': 64, 'num_hidden_layer_2': 32, 'epoch': 200, 'batch_size': 128}
 METRIC_NAME = re.compile(r'^[a-zA-Z]([-_a-zA-Z0-9]{0,62}[a-zA-Z0-9])?$')
@@ -67,11 +69,12 @@ def test_workflow_names_templates_and_dag(workflow):
     assert pipeline_spec['name'] == 'mnist-image-classification-pipeline'
     assert pipeline_spec['description'] == 'Pipeline for MNIST Image Classification'
     templates = _templates(workflow)
-    assert set(templates) == set(STEPS) | {'mnist-image-classification-pipeline'}
+    assert set(templates) == set(STEPS) | {'mnist-image-classification-pipeline', 'condition-deliver-1'}
     assert spec['spec']['entrypoint'] == 'mnist-image-classification-pipeline'
     tasks = {task['name']: task for task in templates['mnist-image-classification-pipeline']['dag']['tasks']}
     assert {name: sorted(task.get('dependencies', [])) for name, task in tasks.items()} == {
-        'load-data': [], 'train': ['load-data'], 'evaluate': ['load-data', 'train'], 'export': ['evaluate', 'train']}
+        'load-data': [], 'train': ['load-data'], 'evaluate': ['load-data', 'train'], 'export': ['evaluate', 'train'],
+        'condition-deliver-1': ['export']}
     # Data travels as files (artifacts) between the steps; only the hyperparameters are parameters.
     artifacts = {name: {artifact['from'] for artifact in task['arguments'].get('artifacts', [])}
                  for name, task in tasks.items()}
@@ -80,6 +83,7 @@ def test_workflow_names_templates_and_dag(workflow):
                                      '{{tasks.train.outputs.artifacts.train-model}}'}
     assert artifacts['export'] == {'{{tasks.train.outputs.artifacts.train-model}}',
                                    '{{tasks.evaluate.outputs.artifacts.evaluate-metrics}}'}
+    assert artifacts['condition-deliver-1'] == {'{{tasks.export.outputs.artifacts.export-export_dir}}'}
     train_parameters = {parameter['name'] for parameter in tasks['train']['arguments']['parameters']}
     assert train_parameters == set(mnist.HYPERPARAMETER_DEFAULTS)
     assert tasks['load-data']['arguments']['parameters'] == [{'name': 'data_url',
@@ -91,6 +95,25 @@ def test_pipeline_parameters_match_the_trainer(workflow):
     parameters = {parameter['name']: parameter['value'] for parameter in arguments}
     assert parameters == {name: str(value) for name, value in PARAMETER_DEFAULTS.items()}
     assert parameters['data_url'] == 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
+
+
+def test_promote_runs_only_with_a_claim_and_mounts_the_claim_it_names(workflow):
+    templates = _templates(workflow)
+    tasks = {task['name']: task for task in templates['mnist-image-classification-pipeline']['dag']['tasks']}
+    assert tasks['condition-deliver-1']['when'] == '"{{inputs.parameters.serving_pvc}}" != ""'
+    (promote_task,) = templates['condition-deliver-1']['dag']['tasks']
+    assert promote_task['template'] == 'promote'
+    promote = templates['promote']
+    # The claim's name comes from the run's serving_pvc parameter; the folder inside it from serving_path.
+    assert promote['volumes'] == [{'name': 'serving',
+                                   'persistentVolumeClaim': {'claimName': '{{inputs.parameters.serving_pvc}}'}}]
+    assert promote['container']['volumeMounts'] == [{'mountPath': '/mnt/serving', 'name': 'serving'}]
+    arguments = promote['container']['args']
+    assert arguments[arguments.index('--serving-dir') + 1] == '/mnt/serving/{{inputs.parameters.serving_path}}'
+    for name in ('min-accuracy', 'min-improvement', 'force-export'):
+        assert arguments[arguments.index(f'--{name}') + 1] == '{{inputs.parameters.%s}}' % name.replace('-', '_')
+    outputs = {artifact['name'] for artifact in promote['outputs']['artifacts']}
+    assert {'mlpipeline-metrics', 'mlpipeline-ui-metadata', 'promote-promoted', 'promote-model_version'} <= outputs
 
 
 def test_images_are_pinned_and_nothing_is_installed_at_run_time(workflow):
@@ -135,18 +158,51 @@ def test_component_source_is_the_step_function(workflow, template_name):
     assert ast.dump(embedded) == ast.dump(original)
 
 
+NO_MATPLOTLIB = r'''
+import sys
+sys.modules['matplotlib'] = None  # Any import of matplotlib now fails, as in the tensorflow/tensorflow image.
+import mnist
+data, work = sys.argv[1:]
+mnist.load_data(data, work + '/dataset.npz')
+tiny = dict(num_hidden_layer_1=16, num_hidden_layer_2=16, epoch=20, batch_size=128)
+mnist.train(work + '/dataset.npz', work + '/model', log_dir='', **tiny)
+print('trained without logs')
+# The check itself works: with a log folder, train() draws its figures and needs matplotlib.
+try:
+    mnist.train(work + '/dataset.npz', work + '/model-with-logs', log_dir=work + '/logs', **tiny)
+except ImportError as error:
+    print('with logs:', error)
+'''
+
+
+def test_train_step_runs_in_an_image_without_matplotlib(workflow, small_data_path, tmp_path):
+    arguments = _templates(workflow)['train']['container']['args']
+    assert arguments[arguments.index('--log-dir') + 1] == '', 'the pipeline writes no TensorBoard logs'
+    process = subprocess.run([sys.executable, '-c', NO_MATPLOTLIB, small_data_path, str(tmp_path)],
+                             cwd=os.path.join(REPO, 'mnist_model'), capture_output=True, text=True, timeout=180)
+    assert process.returncode == 0, process.stderr
+    results = [line for line in process.stdout.splitlines() if not line.startswith('step ')]
+    assert results == ['trained without logs', 'with logs: import of matplotlib halted; None in sys.modules'], results
+
+
 # ---------------------------------------------------------------------------------------------------- local run
 
-@pytest.fixture(scope='module')
-def local_run(small_data_path, tmp_path_factory):
-    pipeline_root = tmp_path_factory.mktemp('kfp-local')
-    argv = ['--run-local', '--data', str(small_data_path), '--pipeline_root', str(pipeline_root)]
-    for name, value in SMALL_HPARAMS.items():
-        argv.append(f'--{name}={value}')
+def run_locally(data, pipeline_root, serving_dir, hparams):
+    """mnist_pipeline.py --run-local --serving_dir, in-process; returns the exit code and what it printed."""
+    argv = ['--run-local', '--data', str(data), '--pipeline_root', str(pipeline_root), '--serving_dir', serving_dir]
+    argv += [f'--{name}={value}' for name, value in hparams.items()]
     capture = io.StringIO()
     with contextlib.redirect_stdout(capture):
         exit_code = mnist_pipeline.main(argv)
-    return {'exit_code': exit_code, 'stdout': capture.getvalue(), 'root': str(pipeline_root)}
+    return {'exit_code': exit_code, 'stdout': capture.getvalue(), 'root': str(pipeline_root),
+            'serving_dir': serving_dir}
+
+
+@pytest.fixture(scope='module')
+def local_run(small_data_path, tmp_path_factory):
+    """A local run that delivers into an empty serving folder."""
+    serving_dir = str(tmp_path_factory.mktemp('serving') / 'mnist_model')
+    return run_locally(small_data_path, tmp_path_factory.mktemp('kfp-local'), serving_dir, SMALL_HPARAMS)
 
 
 def _printed_paths(stdout: str) -> dict:
@@ -164,7 +220,8 @@ def test_local_run_succeeds_and_prints_outputs_and_metrics(local_run):
     assert re.search(r'^Local run mnist-image-classification-pipeline_\d+ succeeded', stdout, re.MULTILINE)
     paths = _printed_paths(stdout)
     assert set(paths) == {'dataset', 'model', 'metrics', 'mlpipeline_metrics', 'mlpipeline_ui_metadata',
-                          'export_dir', 'model version'}
+                          'export_dir', 'promote_metrics', 'promote_ui_metadata', 'served version'}
+    assert paths.pop('served version') == os.path.join(local_run['serving_dir'], '1')
     for path in paths.values():
         assert path.startswith(local_run['root']) and os.path.exists(path)
     with open(paths['metrics'], encoding='utf-8') as metrics_file:
@@ -181,12 +238,14 @@ def test_local_run_succeeds_and_prints_outputs_and_metrics(local_run):
 def test_local_run_exports_a_loadable_model_that_scores_what_evaluate_reported(local_run, small_data_path):
     import tensorflow as tf
     paths = _printed_paths(local_run['stdout'])
-    assert os.path.basename(paths['model version']) == '1'
+    assert os.listdir(local_run['serving_dir']) == ['1']
+    assert re.search(r'^\[promote\] Promoted: version 1 \(test accuracy 0\.\d{4}\) exported to .*/1, the first '
+                     r'version there\.$', local_run['stdout'], re.MULTILINE)
     with open(paths['metrics'], encoding='utf-8') as metrics_file:
         metrics = json.load(metrics_file)
     with np.load(small_data_path, allow_pickle=False) as data:
         images, labels = data['x_test'], data['y_test']
-    serving = tf.saved_model.load(paths['model version']).signatures['serving_default']
+    serving = tf.saved_model.load(paths['served version']).signatures['serving_default']
     outputs = serving(pixels=tf.constant(images.reshape(-1, 784).astype('float32')))
     accuracy = float(np.mean(outputs['digit'].numpy() == labels))
     assert accuracy == pytest.approx(metrics['accuracy'], abs=0.002)
@@ -225,6 +284,21 @@ def test_local_run_metrics_follow_the_kfp_v1_schemas(local_run):
     assert correct / metrics['test_examples'] == pytest.approx(metrics['accuracy'], abs=1e-6)
     markdown = viewers['markdown']
     assert markdown['storage'] == 'inline' and markdown['source'].strip()
+
+
+def test_a_second_local_run_with_a_worse_model_is_not_delivered(local_run, small_data_path, tmp_path):
+    assert local_run['exit_code'] == 0, local_run['stdout']
+    worse = run_locally(small_data_path, tmp_path / 'root', local_run['serving_dir'], dict(SMALL_HPARAMS, epoch=10))
+    assert worse['exit_code'] == 0, worse['stdout']
+    assert os.listdir(local_run['serving_dir']) == ['1']
+    (decision,) = [line for line in worse['stdout'].splitlines() if line.startswith('[promote] Not promoted: ')]
+    assert 'of version 1, which stays in service; --force_export exports it anyway.' in decision
+    assert 'served version' not in _printed_paths(worse['stdout'])
+    with open(_printed_paths(worse['stdout'])['promote_metrics'], encoding='utf-8') as metrics_file:
+        metrics = {metric['name']: metric['numberValue'] for metric in json.load(metrics_file)['metrics']}
+    assert metrics == {'promoted': 0, 'model-version': 0}
+    for name in metrics:
+        assert METRIC_NAME.match(name)
 
 
 def test_local_run_failure_is_one_clear_line(tmp_path, capsys):
@@ -516,6 +590,16 @@ def test_multi_user_kubeflow_needs_a_namespace(kfp_server, capsys):
     assert not fake.requests_to('POST', 'experiments') and not fake.requests_to('POST', 'runs')
 
 
+def test_run_and_schedule_deliver_to_the_claim_given(kfp_server, capsys):
+    fake, url = kfp_server()
+    assert mnist_pipeline.main(['--host', url, '--upload', '--run', '--schedule', '--serving_pvc', 'workspace-mnist',
+                                '--min_accuracy', '0.97', '--min_improvement', '0.001']) == 0
+    expected = _expected_parameters(serving_pvc='workspace-mnist', min_accuracy=0.97, min_improvement=0.001)
+    (run,) = [request['body'] for request in fake.requests_to('POST', 'runs')]
+    (job,) = [request['body'] for request in fake.requests_to('POST', 'jobs')]
+    assert run['pipeline_spec']['parameters'] == job['pipeline_spec']['parameters'] == expected
+
+
 def test_namespace_goes_to_the_experiment(kfp_server, capsys):
     fake, url = kfp_server(multi_user=True)
     assert mnist_pipeline.main(['--host', url, '--namespace', 'kubeflow-user-example-com', '--upload', '--run']) == 0
@@ -603,6 +687,12 @@ def test_wrong_url_is_one_clear_line(kfp_server, capsys):
     (['--host', 'http://localhost:8080', '--run', '--data', 'x.npz'], '--data is for --run-local'),
     (['--run-local', '--data_url', 'http://mirror/mnist.npz'], '--data_url is for --run and --schedule'),
     (['--pipeline_root', '/tmp/x'], '--pipeline_root is for --run-local'),
+    (['--serving_dir', '/tmp/x'], '--serving_dir is for --run-local'),
+    (['--run-local', '--serving_pvc', 'claim'], '--serving_pvc and --serving_path are for --run and --schedule'),
+    (['--host', 'http://localhost:8080', '--run', '--serving_path', 'x'], '--serving_path needs --serving_pvc'),
+    (['--run-local', '--min_accuracy', '0.9'], 'apply to a delivery: give --serving_dir'),
+    (['--host', 'http://localhost:8080', '--run', '--force_export'], 'apply to a delivery: give --serving_dir'),
+    (['--run-local', '--serving_dir', 'x', '--min_accuracy', '2'], 'must be a test accuracy in [0, 1]'),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,248 @@
+"""Render the report of a demo run (run_demo.py) as one self-contained HTML page, from its summary.json.
+
+run_demo.py calls render() after every stage; the page can also be made again from the numbers:
+
+    python3 demo_report.py demo-report/20261126-120000/summary.json     # rewrites report.html beside it
+
+The page's layout and styles are demo_report.html; this file fills in its tables, the accuracy chart (drawn with
+matplotlib, inlined as a PNG) and the confusion matrix. Nothing on the page is fetched from anywhere.
+"""
+import argparse
+import base64
+import html
+import io
+import os
+import string
+import sys
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo_report.html')
+HYPERPARAMETERS = ('num_hidden_layer_1', 'num_hidden_layer_2', 'dropout', 'learning_rate', 'epoch')
+SOURCES = {'train': 'notebook training', 'pipeline': 'pipeline run', 'retrain': 'retrain with tuned values'}
+
+
+def escape(value):
+    return html.escape(str(value))
+
+
+def table(headers, rows, row_classes=None, table_class=''):
+    """An HTML table; cells are HTML already (escape text before), numbers are right-aligned."""
+    head = ''.join(f'<th>{escape(header)}</th>' for header in headers)
+    body = []
+    for index, row in enumerate(rows):
+        row_class = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ''
+        cells = ''.join(f'<td class="number">{cell}</td>' if isinstance(cell, (int, float)) else f'<td>{cell}</td>'
+                        for cell in row)
+        body.append(f'<tr{row_class}>{cells}</tr>')
+    class_attribute = f' class="{table_class}"' if table_class else ''
+    return f'<table{class_attribute}><tr>{head}</tr>{"".join(body)}</table>'
+
+
+def badge(text):
+    return f'<span class="status {escape(text.replace(" ", "-"))}">{escape(text)}</span>'
+
+
+def code(text):
+    return f'<code>{escape(text)}</code>'
+
+
+def stages_table(stages):
+    """One row per stage, and under it the commands that do the same by hand and on a cluster."""
+    rows = []
+    for number, stage in enumerate(stages, 1):
+        status = badge(stage['status'])
+        if stage.get('error'):
+            status += f' {escape(stage["error"])}'
+        seconds = f'{stage["seconds"]:.1f}' if stage['seconds'] is not None else '-'
+        log = f'<a href="{escape(stage["log"])}">{escape(stage["log"])}</a>' if stage['commands'] else '-'
+        by_hand = '<br>'.join(code(command) for command in stage['commands']) or '-'
+        rows.append(f'<tr class="stage"><td>{number}</td><td><b>{escape(stage["title"])}</b></td><td>{status}</td>'
+                    f'<td class="number">{seconds}</td><td>{log}</td></tr>'
+                    f'<tr><td></td><td colspan="4">by hand: {by_hand}<br>on a Kubeflow cluster: '
+                    f'{code(stage["cluster_command"])}</td></tr>')
+    head = '<tr><th>#</th><th>stage</th><th>status</th><th>seconds</th><th>log</th></tr>'
+    return f'<table class="stages">{head}{"".join(rows)}</table>'
+
+
+def versions_table(versions, served):
+    if not versions:
+        return '<p class="note">No model was exported yet.</p>'
+    rows, classes = [], []
+    for entry in versions:
+        version = str(entry['version']) if entry['version'] else 'not promoted'
+        if served and entry['version'] == served.get('version'):
+            version += ' (served)'
+        rows.append([escape(version), f'{entry["accuracy"]:.4f}', escape(SOURCES.get(entry['source'], entry['source'])),
+                     badge({'not promoted': 'declined'}.get(entry['decision'], entry['decision'])),
+                     escape(entry['message'])])
+        classes.append('best' if served and entry['version'] == served.get('version') else '')
+    return table(['version', 'test accuracy', 'from', 'decision', 'what the promote step said'], rows, classes)
+
+
+def accuracy_chart(trials, goal, best):
+    """A bar chart of the test accuracy of each trial, with the goal line; returns PNG bytes."""
+    import matplotlib
+    matplotlib.use('Agg')  # No screen: draw into memory.
+    import matplotlib.pyplot as plt
+
+    succeeded = [trial for trial in trials if trial['status'] == 'succeeded']
+    names = [trial['trial'] for trial in succeeded]
+    accuracies = [trial['accuracy'] for trial in succeeded]
+    figure, axes = plt.subplots(figsize=(7.5, 3.2), dpi=100)
+    colours = ['tab:green' if name == best else 'tab:blue' for name in names]
+    axes.bar(names, accuracies, color=colours)
+    for position, accuracy in enumerate(accuracies):
+        axes.text(position, accuracy, f'{accuracy:.4f}', ha='center', va='bottom', fontsize=8)
+    axes.axhline(goal, color='tab:red', linestyle='--', linewidth=1, label=f'goal {goal}')
+    low = min(accuracies + [goal])
+    axes.set_ylim(max(0.0, low - (1 - low) * 0.6), 1.0)
+    axes.set_ylabel('test accuracy')
+    axes.set_title('Test accuracy per trial (best in green)')
+    axes.legend(loc='lower right')
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format='png')
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def png_image(png_bytes_or_base64, alt, css_class='figure'):
+    data = png_bytes_or_base64 if isinstance(png_bytes_or_base64, str) else \
+        base64.b64encode(png_bytes_or_base64).decode('ascii')
+    return f'<img class="{css_class}" alt="{escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def tuning_section(tuning):
+    if not tuning:
+        return '<p class="note">Not run.</p>'
+    trials = sorted(tuning['trials'], key=lambda trial: (trial['status'] != 'succeeded', -(trial['accuracy'] or 0)))
+    rows, classes = [], []
+    for rank, trial in enumerate(trials, 1):
+        succeeded = trial['status'] == 'succeeded'
+        rows.append([str(rank), escape(trial['trial']), f'{trial["accuracy"]:.4f}' if succeeded else '-',
+                     f'{trial["loss"]:.4f}' if succeeded else '-'] +
+                    [escape(trial[name]) for name in HYPERPARAMETERS] +
+                    [f'{trial["seconds"]:.0f}' if trial.get('seconds') is not None else '-', badge(trial['status'])])
+        classes.append('best' if trial['trial'] == tuning['best'] else '')
+    leaderboard = table(['rank', 'trial', 'accuracy', 'loss', *HYPERPARAMETERS, 'seconds', 'status'], rows, classes)
+    chart = png_image(accuracy_chart(tuning['trials'], tuning['goal'], tuning['best']), 'Test accuracy per trial')
+    return (f'<p class="note">Local tuner, results in <code>{escape(tuning["results"])}</code>; the goal '
+            f'(Katib\'s objective) is test accuracy {tuning["goal"]}.</p>{leaderboard}{chart}')
+
+
+def confusion_table(confusion):
+    """Rows are true digits, columns predicted ones. Correct answers are shaded green by their share of the row;
+    errors red on their own scale (relative to the largest error), so that the worst confusions stand out."""
+    largest_error = max([confusion[row][column] for row in range(10) for column in range(10) if row != column] + [1])
+    rows = []
+    for true_digit in range(10):
+        total = max(sum(confusion[true_digit]), 1)
+        cells = [f'<th>{true_digit}</th>']
+        for predicted in range(10):
+            count = confusion[true_digit][predicted]
+            if predicted == true_digit:
+                style = f'background: rgba(26, 127, 55, {0.15 + 0.6 * count / total:.2f})'
+            elif count:
+                style = f'background: rgba(207, 34, 46, {0.1 + 0.75 * count / largest_error:.2f})'
+            else:
+                style = 'color: #8c959f'
+            cells.append(f'<td style="{style}">{count}</td>')
+        rows.append(f'<tr>{"".join(cells)}</tr>')
+    head = '<tr><th>true \\ predicted</th>' + ''.join(f'<th>{digit}</th>' for digit in range(10)) + '</tr>'
+    return f'<table class="confusion">{head}{"".join(rows)}</table>'
+
+
+def served_section(served):
+    if not served or 'accuracy' not in served:
+        return '<p class="note">Not served.</p>'
+    hyperparameters = ' '.join(f'--{name}={served["hyperparameters"][name]}' for name in HYPERPARAMETERS)
+    return (f'<p>Version <b>{served["version"]}</b> answered at <code>{escape(served["url"])}</code>: test accuracy '
+            f'<b>{served["accuracy"]:.4f}</b> on {served["test_examples"]} test images sent through the REST API '
+            f'(its <code>run.json</code> records {served["recorded_accuracy"]:.4f}). Trained with '
+            f'<code>{escape(hyperparameters)}</code>.</p>'
+            f'<p class="note">Confusion matrix of those answers: rows are the true digits, columns the predicted '
+            f'ones; errors are red on their own scale.</p>{confusion_table(served["confusion_matrix"])}')
+
+
+def markdown_table(text):
+    """A Markdown pipe table (as the notebook displays it) as an HTML table."""
+    lines = [line.strip().strip('|').split('|') for line in text.strip().splitlines()]
+    rows = [[escape(cell.strip()) for cell in line] for line in lines if not set(''.join(line)) <= set('-: ')]
+    return table(rows[0], rows[1:]) if rows else ''
+
+
+def notebook_section(notebook):
+    if not notebook:
+        return '<p class="note">Not run.</p>'
+    parts = [f'<p class="note">Executed copy: <code>{escape(notebook["executed"])}</code>.</p>']
+    parts += [f'<p><code>{escape(line)}</code></p>' for line in notebook['lines']]
+    if notebook['figure_png']:
+        parts.append(png_image(notebook['figure_png'], 'The notebook\'s figure: digits and probabilities'))
+    if notebook['table_markdown']:
+        parts.append(markdown_table(notebook['table_markdown']))
+    return '\n'.join(parts)
+
+
+def predict_image_section(answers):
+    if not answers:
+        return '<p class="note">Not run.</p>'
+    tiles = []
+    for answer in answers:
+        wrong = ' wrong' if answer['digit'] != answer['sent'] else ''
+        picture = png_image(answer['png'], f'test digit {answer["sent"]}', '')
+        tiles.append(f'<div class="digit{wrong}">{picture}'
+                     f'<br>sent {answer["sent"]}<br><b>{answer["digit"]}</b> ({answer["confidence"]:.1%})</div>')
+    right = sum(answer['digit'] == answer['sent'] for answer in answers)
+    return (f'<p>{right} of {len(answers)} recognised (<code>mnist_model/test_data/0.png ... 9.png</code> as PNG '
+            f'files, base64).</p><div class="digits">{"".join(tiles)}</div>')
+
+
+def headline(summary):
+    failed = [stage for stage in summary['stages'] if stage['status'] in ('failed', 'interrupted')]
+    cards = [('stages', f'{sum(stage["status"] == "succeeded" for stage in summary["stages"])} of '
+                        f'{len(summary["stages"])} succeeded' + (f'; {failed[0]["name"]} {failed[0]["status"]}'
+                                                                  if failed else ''))]
+    served = summary.get('served')
+    if served and 'accuracy' in served:
+        cards.append((f'served version {served["version"]}', f'{served["accuracy"]:.4f}'))
+    promoted = sum(entry['version'] is not None for entry in summary['versions'])
+    cards.append(('versions', f'{promoted} promoted, {len(summary["versions"]) - promoted} declined'))
+    return ''.join(f'<div class="card">{escape(label)}<b>{escape(value)}</b></div>' for label, value in cards)
+
+
+def render(summary):
+    """The whole page for a run's summary (run_demo.py's summary.json)."""
+    with open(TEMPLATE, encoding='utf-8') as template_file:
+        template = string.Template(template_file.read())
+    return template.substitute(
+        started_at=escape(summary['started_at']), mode=escape(summary['mode'].capitalize()),
+        seconds=escape(summary.get('seconds', 0)), headline=headline(summary),
+        stages=stages_table(summary['stages']), serving_dir=escape(summary['serving_dir']),
+        versions=versions_table(summary['versions'], summary.get('served')),
+        tuning=tuning_section(summary.get('tuning')), served=served_section(summary.get('served')),
+        notebook=notebook_section(summary.get('notebook')),
+        predict_image=predict_image_section(summary.get('predict_image')),
+        tensorboard=escape(os.path.join(summary['report_dir'], 'tensorboard')))
+
+
+def main(argv=None):
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('summary', help='a summary.json written by run_demo.py')
+    args = parser.parse_args(argv)
+    try:
+        with open(args.summary, encoding='utf-8') as summary_file:
+            summary = json.load(summary_file)
+        page = render(summary)
+        path = os.path.join(os.path.dirname(os.path.abspath(args.summary)), 'report.html')
+        with open(path, 'w', encoding='utf-8') as report_file:
+            report_file.write(page)
+    except (OSError, ValueError, KeyError) as error:
+        print(f'demo_report.py: error: {args.summary}: {type(error).__name__}: {error}', file=sys.stderr)
+        return 1
+    print(f'Wrote {path}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""Run the whole MNIST MLOps demo on this machine, offline and end to end, and leave a report a presenter can open.
+
+The stages follow the demo's order, each one the repository's own command line in a process of its own:
+train (the notebook's first `python3 mnist.py`) -> pipeline (compile it, run it with kfp's LocalClient, delivering
+under the promotion rule) -> tune (the local tuner) -> retrain (with the best trial's values: served only if better)
+-> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless, and the ten test
+PNGs sent to predict_image) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
+report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
+
+    python3 run_demo.py                  # the whole demo on the full data: about 3 minutes on 2 cores
+    python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): under a minute
+
+It prints a line when each stage starts and ends, the stages' own progress, and where the report is:
+demo-report/<UTC date-time>/report.html (one self-contained page), summary.json (the same numbers) and logs/<stage>.log.
+A failed stage stops the run with one line naming it and its log, and the report so far is still written.
+"""
+import argparse
+import base64
+import datetime
+import json
+import os
+import queue
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+import demo_report
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+MNIST_PY = os.path.join('mnist_model', 'mnist.py')
+PIPELINE_PY = os.path.join('mnist_model', 'mnist_pipeline.py')
+TUNER_PY = 'mnist_hyper_tuning.py'
+SERVER_PY = os.path.join('mnist_model', 'model_server.py')
+NOTEBOOK = 'model_serve.ipynb'
+TEST_DIGITS = os.path.join(REPO, 'mnist_model', 'test_data')
+BUNDLED_DATA = os.path.join(REPO, 'mnist_model', 'data', 'mnist.npz')
+# The demo's steps with the cluster command that does each one on Kubeflow (placeholders in <>).
+STAGES = (
+    ('train', 'Train in a notebook', 'python3 mnist_model/mnist.py   # in the Kubeflow notebook\'s terminal'),
+    ('pipeline', 'Kubeflow pipeline, run locally',
+     'python3 mnist_model/mnist_pipeline.py --host <KFP URL> --upload --run --schedule --serving_pvc <notebook pvc>'),
+    ('tune', 'Tune the hyperparameters',
+     'python3 mnist_hyper_tuning.py --katib-experiment --image <registry>/jupyter/mnist-tensorflow-cpu:1.0.0 '
+     '--namespace <namespace> -o my-experiment.yaml && kubectl apply -f my-experiment.yaml'),
+    ('retrain', 'Retrain with the tuned values', 'python3 mnist_model/mnist.py <the best trial\'s flags>   # in the '
+     'notebook'),
+    ('serve', 'Serve the model', "sed 's/<notebook-pvc>/<notebook pvc>/' mnist_model/kserve-inferenceservice.yaml "
+     "| kubectl apply -n <namespace> -f -"),
+    ('notebook', 'Ask the model from the notebook',
+     'open model_serve.ipynb in the Kubeflow notebook, set URL to the InferenceService\'s :predict URL, run all'),
+    ('stop', 'Stop serving', 'kubectl delete inferenceservice mnist-model-server -n <namespace>'),
+)
+QUIET_SECONDS = 10  # Longest silence before a "still running" line.
+# Lines of the stages' output that the terminal does not need (they stay in the logs): metric lines for Katib,
+# the local pipeline's list of output paths, blank lines.
+NOISE = re.compile(r'^\s*$|^(accuracy|loss)=|^  \S+(?: \S+)?\s{2,}/|^Results: |^TensorBoard logs: |^\[IPKernelApp\]|'
+                   r'^\[NbConvertApp\] (Making directory|Converting)')
+DECISION = re.compile(r'^(?:\[promote\] )?(Promoted|Forced|Not promoted): (?:version (\d+) )?.*?'
+                      r'test accuracy (\d\.\d+)')
+
+
+class StageFailed(Exception):
+    """A stage ended badly; the message is the one line the user sees."""
+
+
+def display_path(path):
+    """A path as a user types it from the repository's top folder."""
+    relative = os.path.relpath(os.path.abspath(path), REPO)
+    return path if relative.startswith(os.pardir) else relative
+
+
+def forward_lines(stream, lines):
+    """Put every line of a stream on a queue, then None: the main thread waits on the queue with a timeout."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def raise_keyboard_interrupt(signal_number, frame):
+    raise KeyboardInterrupt
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def http_json(url, body=None, timeout=60):
+    """GET (or POST body as JSON) and return (status, parsed reply or None)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={'Content-Type': 'application/json'})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, None
+    except (OSError, ValueError):
+        return 0, None
+
+
+class Demo:
+    """The state of one demo run: its folders, the summary the report is made from, and the running process."""
+
+    def __init__(self, report_dir, serving_dir, quick, trials, parallel, echo=print):
+        self.report_dir = report_dir
+        self.serving_dir = serving_dir
+        self.quick = quick
+        self.echo = echo
+        self.process = None
+        self.server = None
+        self.data_flags = []
+        self.summary = {
+            'started_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+            'mode': 'quick' if quick else 'full', 'report_dir': display_path(report_dir),
+            'serving_dir': display_path(serving_dir), 'trials': trials, 'parallel': parallel,
+            'stages': [{'name': name, 'title': title, 'status': 'not run', 'seconds': None, 'commands': [],
+                        'cluster_command': cluster, 'log': os.path.join('logs', f'{name}.log')}
+                       for name, title, cluster in STAGES],
+            'versions': [], 'tuning': None, 'served': None, 'notebook': None, 'predict_image': None,
+        }
+
+    def stage(self, name):
+        return next(stage for stage in self.summary['stages'] if stage['name'] == name)
+
+    # ------------------------------------------------------------------------------------------ running commands
+
+    def run_command(self, name, argv, environment=None):
+        """Run one command of a stage from the repository folder, with its output in the stage's log and its
+        progress on the terminal; returns its output lines. StageFailed if it exits non-zero."""
+        stage = self.stage(name)
+        stage['commands'].append(shlex.join(argv))
+        log_path = os.path.join(self.report_dir, stage['log'])
+        lines = queue.Queue()
+        with open(log_path, 'a', encoding='utf-8') as log:
+            log.write(f'$ {shlex.join(argv)}\n')
+            log.flush()
+            # Its own session: Ctrl-C reaches this script only, which then stops the stage in order.
+            self.process = subprocess.Popen(
+                [sys.executable if argv[0] == 'python3' else argv[0]] + argv[1:], cwd=REPO,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+                env=dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2', **(environment or {})))
+            threading.Thread(target=forward_lines, args=(self.process.stdout, lines), daemon=True).start()
+            output, last_shown, started = [], time.monotonic(), time.monotonic()
+            while True:
+                try:
+                    line = lines.get(timeout=1.0)
+                except queue.Empty:
+                    if time.monotonic() - last_shown >= QUIET_SECONDS:
+                        self.echo(f'  [{name}] still running ({time.monotonic() - started:.0f} s)')
+                        last_shown = time.monotonic()
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                output.append(line.rstrip('\n'))
+                if not NOISE.search(line):
+                    self.echo(f'  [{name}] {line.rstrip()}')
+                    last_shown = time.monotonic()
+            code = self.process.wait()
+            self.process = None
+        if code != 0:
+            last = next((line for line in reversed(output) if line.strip()), 'no output')
+            raise StageFailed(f'exit code {code}: {last.strip()[:300]}')
+        return output
+
+    def stop_process(self, process, signal_number=signal.SIGINT, timeout=30):
+        """Stop a stage's process group as Ctrl-C would, so it cleans up; kill it if it does not end in time."""
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal_number)
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+    def record_decisions(self, name, output):
+        """Add the promotion decisions a stage printed to the list of versions and candidates."""
+        for line in output:
+            match = DECISION.match(line)
+            if match:
+                kind, version, accuracy = match.groups()
+                self.summary['versions'].append({
+                    'version': int(version) if version else None, 'accuracy': float(accuracy),
+                    'source': name, 'decision': kind.lower(), 'message': line.split('] ', 1)[-1]})
+
+    # ------------------------------------------------------------------------------------------------ the stages
+
+    def prepare_data(self):
+        """Full mode trains on the bundled data; quick mode on a slice of it, written into the report folder."""
+        if not self.quick:
+            self.test_data = BUNDLED_DATA
+            return
+        path = os.path.join(self.report_dir, 'data', 'mnist-quick.npz')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with np.load(BUNDLED_DATA, allow_pickle=False) as full:
+            np.savez(path, x_train=full['x_train'][:3000], y_train=full['y_train'][:3000],
+                     x_test=full['x_test'][:1000], y_test=full['y_test'][:1000])
+        self.test_data = path
+        self.data_flags = [f'--data={display_path(path)}']
+
+    def steps_flags(self):
+        return ['--epoch=200'] if self.quick else []
+
+    def output_flags(self):
+        """Where a training run of the demo exports to and logs to."""
+        return [f'--export_dir={display_path(self.serving_dir)}',
+                f'--log_dir={display_path(os.path.join(self.report_dir, "tensorboard"))}']
+
+    def train(self):
+        output = self.run_command('train', ['python3', MNIST_PY, *self.data_flags, *self.steps_flags(),
+                                            *self.output_flags()])
+        self.record_decisions('train', output)
+
+    def pipeline(self):
+        package = os.path.join(self.report_dir, 'pipeline', 'mnist_pipeline.yaml')
+        os.makedirs(os.path.dirname(package), exist_ok=True)
+        self.run_command('pipeline', ['python3', PIPELINE_PY, f'--package={display_path(package)}'])
+        output = self.run_command('pipeline', [
+            'python3', PIPELINE_PY, '--run-local', *self.data_flags, *self.steps_flags(),
+            f'--pipeline_root={display_path(os.path.join(self.report_dir, "pipeline"))}',
+            f'--serving_dir={display_path(self.serving_dir)}'])
+        self.record_decisions('pipeline', output)
+
+    def tune(self):
+        output_dir = os.path.join(self.report_dir, 'tuning')
+        # Quick runs tune small, short trials; the full run searches the demo's whole space.
+        space = ['--space=epoch=100:300:100', '--space=num_hidden_layer_1=64:128:64',
+                 '--space=num_hidden_layer_2=64:128:64'] if self.quick else []
+        self.run_command('tune', ['python3', TUNER_PY, '--local', f'--max_trials={self.summary["trials"]}',
+                                  f'--parallel={self.summary["parallel"]}', '--seed=0', *space, *self.data_flags,
+                                  f'--output={display_path(output_dir)}'])
+        with open(os.path.join(output_dir, 'results.json'), encoding='utf-8') as results_file:
+            results = json.load(results_file)
+        succeeded = [trial for trial in results['trials'] if trial['status'] == 'succeeded']
+        if not succeeded:
+            raise StageFailed('no trial succeeded')
+        best = max(succeeded, key=lambda trial: trial['accuracy'])
+        self.summary['tuning'] = {'trials': results['trials'], 'best': best['trial'],
+                                  'goal': results['objective']['goal'], 'results': display_path(output_dir)}
+
+    def retrain(self):
+        best_name = self.summary['tuning']['best']
+        best = next(trial for trial in self.summary['tuning']['trials'] if trial['trial'] == best_name)
+        names = ('num_hidden_layer_1', 'num_hidden_layer_2', 'dropout', 'learning_rate', 'epoch')
+        flags = [f'--{name}={best[name]}' for name in names]
+        output = self.run_command('retrain', ['python3', MNIST_PY, *flags, *self.data_flags, *self.output_flags()])
+        self.record_decisions('retrain', output)
+
+    def serve(self):
+        """Start the local model server on a free port, wait until it serves the newest version, and measure the
+        served model on the test set through its REST API."""
+        stage = self.stage('serve')
+        newest = max(int(name) for name in os.listdir(self.serving_dir) if name.isdigit())
+        log = open(os.path.join(self.report_dir, stage['log']), 'a', encoding='utf-8')
+        for _ in range(3):  # A port taken between choosing it and binding it is tried again with another one.
+            port = free_port()
+            argv = ['python3', SERVER_PY, f'--rest_api_port={port}',
+                    f'--model_base_path={display_path(self.serving_dir)}']
+            stage['commands'] = [shlex.join(argv)]
+            log.write(f'$ {shlex.join(argv)}\n')
+            log.flush()
+            self.server = subprocess.Popen([sys.executable] + argv[1:], cwd=REPO, stdout=log, stderr=log,
+                                           start_new_session=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
+            url = f'http://127.0.0.1:{port}/v1/models/mnist'
+            started = last_shown = time.monotonic()
+            while self.server.poll() is None and time.monotonic() - started < 120:
+                status, reply = http_json(url, timeout=5)
+                versions = [item['version'] for item in (reply or {}).get('model_version_status', [])
+                            if item['state'] == 'AVAILABLE']
+                # Newest first; the version before it may be AVAILABLE too, loaded as the server's warm standby.
+                if versions[:1] == [str(newest)]:
+                    break
+                if time.monotonic() - last_shown >= QUIET_SECONDS:
+                    self.echo(f'  [serve] waiting for version {newest} ({time.monotonic() - started:.0f} s)')
+                    last_shown = time.monotonic()
+                time.sleep(0.2)
+            if self.server.poll() is None:
+                break
+        log.close()
+        if self.server.poll() is not None or versions[:1] != [str(newest)]:
+            raise StageFailed(f'the model server did not serve version {newest}')
+        self.summary['served'] = {'url': url, 'pid': self.server.pid, 'version': newest}
+        self.echo(f'  [serve] serving version {newest} at {url} (pid {self.server.pid})')
+
+        with np.load(self.test_data, allow_pickle=False) as data:
+            images, labels = data['x_test'].reshape(-1, 784), data['y_test'].astype(np.int64)
+        predictions = []
+        for start in range(0, len(images), 1000):
+            status, reply = http_json(url + ':predict', {'instances': images[start:start + 1000].tolist()})
+            if status != 200:
+                raise StageFailed(f'the model server answered HTTP {status} to a batch of test images')
+            predictions += [row['digit'] for row in reply['predictions']]
+        predictions = np.array(predictions)
+        confusion = np.bincount(labels * 10 + predictions, minlength=100).reshape(10, 10)
+        with open(os.path.join(self.serving_dir, str(newest), 'assets.extra', 'run.json'), encoding='utf-8') as file:
+            record = json.load(file)
+        self.summary['served'].update(
+            accuracy=float(np.mean(predictions == labels)), recorded_accuracy=record['accuracy'],
+            test_examples=len(labels), confusion_matrix=confusion.tolist(), hyperparameters=record['hyperparameters'])
+        self.echo(f'  [serve] test accuracy through the server {self.summary["served"]["accuracy"]:.4f} on '
+                  f'{len(labels)} images (run.json says {record["accuracy"]:.4f})')
+
+    def notebook(self):
+        url = self.summary['served']['url']
+        notebook_dir = os.path.join(self.report_dir, 'notebook')
+        self.run_command('notebook', ['python3', '-m', 'jupyter', 'nbconvert', '--to', 'notebook', '--execute',
+                                      NOTEBOOK, f'--output-dir={display_path(notebook_dir)}'],
+                         environment={'MNIST_PREDICT_URL': url + ':predict'})
+        with open(os.path.join(notebook_dir, NOTEBOOK), encoding='utf-8') as file:
+            executed = json.load(file)
+        outputs = [output for cell in executed['cells'] for output in cell.get('outputs', [])]
+        texts = [''.join(output.get('text', '')) for output in outputs]
+        figures = [output['data']['image/png'] for output in outputs if 'image/png' in output.get('data', {})]
+        tables = [''.join(output['data']['text/markdown']) for output in outputs
+                  if 'text/markdown' in output.get('data', {})]
+        answers = [line for text in texts for line in text.splitlines() if line.startswith(('sent ', 'predict_image'))]
+        self.summary['notebook'] = {'executed': display_path(os.path.join(notebook_dir, NOTEBOOK)),
+                                    'lines': answers, 'figure_png': figures[0] if figures else None,
+                                    'table_markdown': tables[0] if tables else None}
+        if not figures or not answers:
+            problem = next((line for text in texts for line in text.splitlines() if line.strip()), 'no output')
+            raise StageFailed(f'the notebook got no answer from the server: {problem}')
+
+        # The ten test digits as files, to the signature that takes pictures.
+        pictures = [open(os.path.join(TEST_DIGITS, f'{digit}.png'), 'rb').read() for digit in range(10)]
+        body = {'signature_name': 'predict_image',
+                'instances': [{'b64': base64.b64encode(picture).decode('ascii')} for picture in pictures]}
+        status, reply = http_json(url + ':predict', body)
+        if status != 200:
+            raise StageFailed(f'predict_image answered HTTP {status}')
+        self.summary['predict_image'] = [
+            {'sent': digit, 'digit': row['digit'], 'confidence': max(row['probabilities']),
+             'png': base64.b64encode(picture).decode('ascii')}
+            for digit, (picture, row) in enumerate(zip(pictures, reply['predictions']))]
+        right = sum(answer['sent'] == answer['digit'] for answer in self.summary['predict_image'])
+        self.echo(f'  [notebook] predict_image: {right} of 10 test PNGs recognised: '
+                  f'{[answer["digit"] for answer in self.summary["predict_image"]]}')
+
+    def stop(self, keep_serving):
+        stage = self.stage('stop')
+        with open(os.path.join(self.report_dir, stage['log']), 'w', encoding='utf-8') as log:
+            if keep_serving:
+                stage['commands'] = ['(left running: --keep_serving)']
+                log.write(f'The model server (pid {self.server.pid}) was left running: --keep_serving\n')
+                return
+            stage['commands'] = [f'kill -TERM {self.server.pid}']
+            log.write(f'$ kill -TERM {self.server.pid}\n')
+            self.stop_process(self.server, signal.SIGTERM)
+            log.write(f'The model server exited with code {self.server.returncode}; its output is in '
+                      f'{self.stage("serve")["log"]}\n')
+        if self.server.returncode != 0:
+            raise StageFailed(f'the model server exited with code {self.server.returncode}')
+
+    # -------------------------------------------------------------------------------------------------- the run
+
+    def write_report(self):
+        """Write summary.json and report.html (each atomically) from what has run so far."""
+        self.summary['seconds'] = round(sum(stage['seconds'] or 0 for stage in self.summary['stages']), 1)
+        documents = {'summary.json': json.dumps(self.summary, indent=2) + '\n',
+                     'report.html': demo_report.render(self.summary)}
+        for name, text in documents.items():
+            temporary = os.path.join(self.report_dir, f'.{name}.tmp')
+            with open(temporary, 'w', encoding='utf-8') as file:
+                file.write(text)
+            os.replace(temporary, os.path.join(self.report_dir, name))
+
+    def run(self, keep_serving):
+        """Run every stage in order; returns the exit code (0, 1 for a failed stage, 130 for Ctrl-C)."""
+        os.makedirs(os.path.join(self.report_dir, 'logs'), exist_ok=True)
+        self.prepare_data()
+        steps = [('train', self.train), ('pipeline', self.pipeline), ('tune', self.tune),
+                 ('retrain', self.retrain), ('serve', self.serve), ('notebook', self.notebook),
+                 ('stop', lambda: self.stop(keep_serving))]
+        code = 0
+        for name, step in steps:
+            stage = self.stage(name)
+            self.echo(f'[{name}] {stage["title"]} ...')
+            started = time.monotonic()
+            stage['status'] = 'running'
+            try:
+                step()
+                stage['status'] = 'succeeded'
+            except StageFailed as error:
+                stage['status'] = 'failed'
+                stage['error'] = str(error)
+                self.echo(f'run_demo.py: error: stage {name} failed: {error} (log: '
+                          f'{display_path(os.path.join(self.report_dir, stage["log"]))})')
+                code = 1
+            except KeyboardInterrupt:
+                stage['status'] = 'interrupted'
+                self.echo(f'[{name}] interrupted: stopping ...')
+                self.stop_process(self.process)
+                code = 130
+            finally:
+                stage['seconds'] = round(time.monotonic() - started, 1)
+            if code:
+                break
+            self.echo(f'[{name}] done in {stage["seconds"]:.1f} s')
+            self.write_report()
+        if code:
+            # Nothing keeps running after a failure or Ctrl-C: the server is stopped too.
+            self.stop_process(self.server, signal.SIGTERM)
+            self.summary['served'] = self.summary['served'] and dict(self.summary['served'], pid=None)
+        self.write_report()
+        return code
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}')
+    return int(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='run_demo.py', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny sizes for a smoke run: a slice of the data, few steps, 2 trials (under a minute)')
+    parser.add_argument('--trials', type=positive_int, default=None,
+                        help='tuning trials (default: 6, or 2 with --quick)')
+    parser.add_argument('--parallel', type=positive_int, default=2, help='trials at a time (default: %(default)s)')
+    parser.add_argument('--output', default=None,
+                        help='report folder, new or empty (default: demo-report/<UTC date-time>)')
+    parser.add_argument('--serving_dir', default=None,
+                        help='the serving folder every stage promotes into (default: <output>/serving, a fresh one; '
+                             'mnist_model to serve the demo\'s own folder)')
+    parser.add_argument('--keep_serving', action='store_true',
+                        help='leave the model server running at the end and print its URL and PID')
+    args = parser.parse_args(argv)
+    trials = args.trials or (2 if args.quick else 6)
+    report_dir = args.output or os.path.join(
+        'demo-report', datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))
+    if os.path.exists(report_dir) and (not os.path.isdir(report_dir) or os.listdir(report_dir)):
+        print(f'run_demo.py: error: {report_dir} exists and is not an empty folder: choose another --output',
+              file=sys.stderr)
+        return 1
+    serving_dir = args.serving_dir or os.path.join(report_dir, 'serving')
+    try:
+        os.makedirs(os.path.join(report_dir, 'logs'), exist_ok=True)
+        os.makedirs(serving_dir, exist_ok=True)
+    except OSError as error:
+        print(f'run_demo.py: error: cannot create {error.filename}: {error.strerror}', file=sys.stderr)
+        return 1
+
+    # A `kill` of this script stops the demo as Ctrl-C does: the running stage and the server first.
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    demo = Demo(os.path.abspath(report_dir), os.path.abspath(serving_dir), args.quick, trials, args.parallel,
+                echo=lambda line: print(line, flush=True))
+    mode = 'quick: a slice of the data, few steps' if args.quick else 'the full data'
+    print(f'MNIST MLOps demo ({mode}); report in {report_dir}, serving folder {serving_dir}', flush=True)
+    started = time.monotonic()
+    code = demo.run(args.keep_serving)
+    report = os.path.join(report_dir, 'report.html')
+    outcome = {0: 'finished', 1: 'stopped by a failed stage', 130: 'interrupted'}[code]
+    print(f'Demo {outcome} in {time.monotonic() - started:.0f} s. Report: {report} (open it in a browser); '
+          f'numbers: {os.path.join(report_dir, "summary.json")}')
+    if code == 0 and args.keep_serving:
+        print(f'The model server is still running: {demo.summary["served"]["url"]} (pid {demo.server.pid}); '
+              f'stop it with: kill {demo.server.pid}')
+    return code
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""Tests of the promotion rule (mnist.promote) and of rolling back (mnist.py --retire): the real mnist.py and Katib
+trial command lines on a slice of the data, and promote() itself on an exported candidate.
+
+    python3 -m pytest -q tests/test_promotion.py
+"""
+import json
+import os
+import re
+import shutil
+
+import pytest
+
+import mnist
+from conftest import REPO, TINY_HPARAMS, promote_into, run_script
+
+MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
+TRIAL_PY = os.path.join(REPO, 'mnist_hyper_tuning.py')
+TINY_FLAGS = [f'--{name}={value}' for name, value in TINY_HPARAMS.items() if name != 'epoch']
+
+
+def candidate_accuracy(candidate):
+    with open(os.path.join(candidate, 'assets.extra', 'run.json')) as file:
+        return json.load(file)['accuracy']
+
+
+def served_record(serving_dir, version):
+    with open(os.path.join(serving_dir, str(version), 'assets.extra', 'run.json')) as file:
+        return json.load(file)
+
+
+def set_served_accuracy(serving_dir, version, accuracy):
+    """Pretend the served version scored `accuracy`, by editing its run record."""
+    path = os.path.join(serving_dir, str(version), 'assets.extra', 'run.json')
+    with open(path) as file:
+        record = json.load(file)
+    record['accuracy'] = accuracy
+    with open(path, 'w') as file:
+        json.dump(record, file)
+
+
+def listing(folder):
+    return sorted(os.listdir(folder))
+
+
+@pytest.fixture
+def serving_dir(tmp_path, model_base_dir):
+    """A serving folder holding version 1 of the small model (a copy, free to change)."""
+    folder = tmp_path / 'serving'
+    shutil.copytree(model_base_dir, folder)
+    return str(folder)
+
+
+# ----------------------------------------------------------------------------------------- the real command line
+
+@pytest.fixture(scope='module')
+def good_then_worse(tmp_path_factory, small_data_path):
+    """mnist.py three times into one serving folder: a good run, a worse one, the worse one with --force_export."""
+    folder = str(tmp_path_factory.mktemp('cli') / 'serving')
+    common = ['--data', small_data_path, '--export_dir', folder, '--log_dir', '', *TINY_FLAGS]
+    runs = {'good': run_script(MNIST_PY, *common, '--epoch=300')}
+    runs['worse'] = run_script(MNIST_PY, *common, '--epoch=20')
+    runs['listing after worse'] = listing(folder)
+    runs['forced'] = run_script(MNIST_PY, *common, '--epoch=20', '--force_export')
+    return folder, runs
+
+
+def metric_lines(stdout):
+    return dict(re.findall(r'^(accuracy|loss)=(\d+\.\d{6})$', stdout, re.MULTILINE))
+
+
+def test_a_worse_run_is_not_promoted_and_says_why(good_then_worse):
+    folder, runs = good_then_worse
+    assert runs['good'].returncode == 0, runs['good'].stderr
+    assert re.search(r'^Promoted: version 1 \(test accuracy 0\.\d{4}\) exported to .*/1, the first version there\.$',
+                     runs['good'].stdout, re.MULTILINE)
+    worse = runs['worse']
+    assert worse.returncode == 0, worse.stderr
+    good_accuracy = float(metric_lines(runs['good'].stdout)['accuracy'])
+    worse_accuracy = float(metric_lines(worse.stdout)['accuracy'])
+    assert worse_accuracy < good_accuracy
+    # One line naming both accuracies and the flag that overrides; the Katib metric lines still print.
+    (line,) = [line for line in worse.stdout.splitlines() if line.startswith('Not promoted')]
+    assert line == (f'Not promoted: its test accuracy {worse_accuracy:.4f} is below {good_accuracy:.4f} of version 1, '
+                    f'which stays in service; --force_export exports it anyway.')
+    assert set(metric_lines(worse.stdout)) == {'accuracy', 'loss'}
+    assert runs['listing after worse'] == ['1'], 'nothing left behind, no .tmp-* folder'
+
+
+def test_force_export_adds_the_worse_version_and_records_it(good_then_worse):
+    folder, runs = good_then_worse
+    assert runs['forced'].returncode == 0, runs['forced'].stderr
+    assert listing(folder) == ['1', '2']
+    assert re.search(r'^Forced: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2 without the promotion rule; it '
+                     r'replaces 0\.\d{4} of version 1\.$', runs['forced'].stdout, re.MULTILINE)
+    first, second = served_record(folder, 1), served_record(folder, 2)
+    assert first['model_version'] == 1 and first['promotion']['decision'] == 'promoted'
+    assert first['promotion']['baseline_version'] is None
+    assert second['model_version'] == 2 and second['promotion']['decision'] == 'forced'
+    assert second['promotion']['baseline_version'] == 1
+    assert second['promotion']['baseline_accuracy'] == first['accuracy'] > second['accuracy']
+
+
+def test_a_katib_trial_that_exports_follows_the_same_rule(serving_dir, small_data_path):
+    set_served_accuracy(serving_dir, 1, 0.999)
+    process = run_script(TRIAL_PY, '--data', small_data_path, '--export_dir', serving_dir, *TINY_FLAGS, '--epoch=50')
+    assert process.returncode == 0, process.stderr
+    assert 'Not promoted: its test accuracy ' in process.stdout and 'below 0.9990 of version 1' in process.stdout
+    assert set(metric_lines(process.stdout)) == {'accuracy', 'loss'}, 'Katib must still record the trial'
+    assert listing(serving_dir) == ['1']
+
+
+@pytest.mark.parametrize('script, argv, message', [
+    (MNIST_PY, ['--min_accuracy=1.5'], 'argument --min_accuracy: must be a test accuracy in [0, 1], got '),
+    (MNIST_PY, ['--min_accuracy=-0.1'], 'argument --min_accuracy: must be a test accuracy in [0, 1], got '),
+    (MNIST_PY, ['--min_improvement=-0.01'], 'argument --min_improvement: must be a number >= 0, got '),
+    (MNIST_PY, ['--export_dir=', '--force_export'], 'apply to an export: --export_dir is empty'),
+    (TRIAL_PY, ['--min_accuracy=0.9'], 'apply to an export: give --export_dir'),
+    (TRIAL_PY, ['--export_dir=x', '--min_improvement=-1'], 'argument --min_improvement: must be a number >= 0'),
+])
+def test_bad_promotion_flags_are_one_line_and_change_nothing(script, argv, message, tmp_path):
+    process = run_script(script, *argv, cwd=str(tmp_path))
+    assert process.returncode == 2
+    assert message in process.stderr.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+# -------------------------------------------------------------------------------------------- promote() itself
+
+def test_a_tie_promotes_and_records_what_it_beat(serving_dir, exported_candidate):
+    outputs = promote_into(exported_candidate, serving_dir)
+    assert outputs.promoted and outputs.model_version == 2
+    accuracy = candidate_accuracy(exported_candidate)
+    assert outputs.decision == (f'Promoted: version 2 (test accuracy {accuracy:.4f}) exported to '
+                                f'{os.path.join(serving_dir, "2")}; it replaces {accuracy:.4f} of version 1.')
+    promotion = served_record(serving_dir, 2)['promotion']
+    assert (promotion['decision'], promotion['baseline_version'], promotion['baseline_accuracy']) == (
+        'promoted', 1, accuracy)
+    assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ', promotion['promoted_at'])
+
+
+def test_the_kfp_outputs_show_the_decision(serving_dir, exported_candidate):
+    outputs_dir = os.path.join(os.path.dirname(serving_dir), 'promote-outputs')
+
+    def read(name):
+        with open(os.path.join(outputs_dir, name)) as file:
+            return json.load(file)
+
+    promote_into(exported_candidate, serving_dir)
+    metrics = {metric['name']: metric['numberValue'] for metric in read('metrics.json')['metrics']}
+    assert metrics == {'promoted': 1, 'model-version': 2}
+    promote_into(exported_candidate, serving_dir, min_improvement=0.01)
+    metrics = {metric['name']: metric['numberValue'] for metric in read('metrics.json')['metrics']}
+    assert metrics == {'promoted': 0, 'model-version': 0}
+    (markdown,) = read('ui-metadata.json')['outputs']
+    assert markdown['type'] == 'markdown' and markdown['storage'] == 'inline'
+    assert 'Not promoted: its test accuracy' in markdown['source']
+
+
+def test_min_improvement_and_the_floor_decline(serving_dir, exported_candidate):
+    accuracy = candidate_accuracy(exported_candidate)
+    outputs = promote_into(exported_candidate, serving_dir, min_improvement=0.001)
+    assert not outputs.promoted and outputs.model_version == 0
+    assert outputs.decision == (f'Not promoted: its test accuracy {accuracy:.4f} is below {accuracy:.4f} of version 1 '
+                                f'+ --min_improvement 0.0010, which stays in service; --force_export exports it '
+                                f'anyway.')
+    floor = round(accuracy + 0.01, 4)
+    outputs = promote_into(exported_candidate, serving_dir, min_accuracy=floor)
+    assert outputs.decision == (f'Not promoted: its test accuracy {accuracy:.4f} is below the floor --min_accuracy '
+                                f'{floor:.4f}; --force_export exports it anyway.')
+    assert listing(serving_dir) == ['1']
+    # The floor applies to the very first version as well.
+    empty = os.path.join(os.path.dirname(serving_dir), 'empty')
+    assert not promote_into(exported_candidate, empty, min_accuracy=floor).promoted
+    assert listing(empty) == []
+    assert promote_into(exported_candidate, serving_dir, min_accuracy=floor, force_export=True).model_version == 2
+
+
+@pytest.mark.parametrize('damage, warning', [
+    (lambda path: os.remove(path), 'it has none'),
+    (lambda path: open(path, 'w').write('{"accuracy": '), 'JSONDecodeError'),
+    (lambda path: open(path, 'w').write('{"accuracy": "high"}'), 'ValueError'),
+])
+def test_an_unreadable_served_record_counts_as_unknown(serving_dir, exported_candidate, capsys, damage, warning):
+    set_served_accuracy(serving_dir, 1, 1.0)
+    damage(os.path.join(serving_dir, '1', 'assets.extra', 'run.json'))
+    outputs = promote_into(exported_candidate, serving_dir)
+    assert outputs.promoted and outputs.decision.endswith('it replaces version 1 (accuracy unknown).')
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith('warning: cannot read the test accuracy of served version 1 from ')
+    assert warning in line and line.endswith('treating it as unknown')
+    assert served_record(serving_dir, 2)['promotion']['baseline_accuracy'] is None
+
+
+def test_version_numbers_skip_other_folders_and_are_never_reused(tmp_path, exported_candidate):
+    serving = tmp_path / 'serving'
+    for name in ('3', 'data', '.tmp-11-abc', '12x', '.retired-10-20261126T120000Z'):
+        (serving / name).mkdir(parents=True)
+    assert promote_into(exported_candidate, serving).model_version == 11
+    assert promote_into(exported_candidate, serving, model_version=5).model_version == 5
+    with pytest.raises(FileExistsError, match='already exists'):
+        promote_into(exported_candidate, serving, model_version=5)
+    assert listing(serving) == ['.retired-10-20261126T120000Z', '.tmp-11-abc', '11', '12x', '3', '5', 'data']
+
+
+@pytest.mark.parametrize('rule, message', [
+    ({'min_accuracy': 1.5}, 'min_accuracy must be a test accuracy in'),
+    ({'min_improvement': -0.1}, 'min_improvement must be >= 0'),
+])
+def test_promote_checks_its_rule(serving_dir, exported_candidate, rule, message):
+    with pytest.raises(ValueError, match=message):
+        promote_into(exported_candidate, serving_dir, **rule)
+    assert listing(serving_dir) == ['1']
+
+
+def test_a_failed_copy_leaves_nothing_a_server_could_load(tmp_path, exported_candidate, monkeypatch):
+    def crash(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(shutil, 'copytree', crash)
+    with pytest.raises(OSError, match='disk full'):
+        promote_into(exported_candidate, tmp_path / 'serving')
+    assert listing(tmp_path / 'serving') == []
+
+
+def test_promote_takes_the_next_number_when_another_lands_first(tmp_path, exported_candidate, monkeypatch):
+    serving = tmp_path / 'serving'
+    real_copytree = shutil.copytree
+
+    def copy_while_another_version_lands(*args, **kwargs):
+        # copytree calls itself for every subfolder: the other version lands during the first call only.
+        if not (serving / '1').exists():
+            (serving / '1').mkdir()
+            (serving / '1' / 'saved_model.pb').write_bytes(b'another export')
+        return real_copytree(*args, **kwargs)
+
+    monkeypatch.setattr(shutil, 'copytree', copy_while_another_version_lands)
+    assert promote_into(exported_candidate, serving).model_version == 2
+    assert served_record(serving, 2)['model_version'] == 2
+    assert (serving / '1' / 'saved_model.pb').read_bytes() == b'another export'
+    assert listing(serving) == ['1', '2']
+
+
+# ------------------------------------------------------------------------------------------------------ roll back
+
+def test_retire_takes_the_newest_version_out_of_service(serving_dir, exported_candidate):
+    promote_into(exported_candidate, serving_dir)
+    process = run_script(MNIST_PY, '--export_dir', serving_dir, '--retire', '2')
+    assert process.returncode == 0, process.stderr
+    names = listing(serving_dir)
+    assert names[1:] == ['1'] and re.fullmatch(r'\.retired-2-\d{8}T\d{6}Z', names[0])
+    assert process.stdout.strip() == (f'Retired version 2: renamed to {os.path.join(serving_dir, names[0])}; version 1 '
+                                      f'is served again (servers switch within their poll interval).')
+    # The retired folder is kept whole for inspection, and its number is not given out again.
+    assert os.path.isfile(os.path.join(serving_dir, names[0], 'saved_model.pb'))
+    assert promote_into(exported_candidate, serving_dir).model_version == 3
+
+
+@pytest.mark.parametrize('argv, code, message', [
+    (['--retire', '7'], 1, 'does not exist (versions there: 1)'),
+    (['--retire', '1'], 1, 'version 1 is the last one in'),
+    (['--retire', '1', '--epoch=5'], 2, '--retire takes only --export_dir, not --epoch'),
+    (['--retire', 'two'], 2, 'argument --retire: must be an integer >= 1'),
+])
+def test_bad_retire_is_one_line_and_changes_nothing(serving_dir, argv, code, message):
+    process = run_script(MNIST_PY, '--export_dir', serving_dir, *argv)
+    assert process.returncode == code
+    assert message in process.stderr.splitlines()[-1] and 'Traceback' not in process.stderr
+    assert listing(serving_dir) == ['1']

@@ -1,0 +1,179 @@
+"""Tests of run_demo.py: the whole demo at tiny size (--quick), as a presenter runs it, and stopping it with Ctrl-C.
+
+    python3 -m pytest -q tests/test_run_demo.py
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import demo_report
+from conftest import REPO
+
+RUN_DEMO = os.path.join(REPO, 'run_demo.py')
+STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'stop']
+
+
+def start_demo(*args):
+    return subprocess.Popen([sys.executable, RUN_DEMO, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+
+
+def processes_mentioning(text):
+    """The command lines of running processes that mention text (e.g. a report folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as cmdline:
+                command = cmdline.read().replace(b'\0', b' ').decode(errors='replace')
+        except OSError:
+            continue
+        if text in command and int(pid) != os.getpid():
+            found.append(command)
+    return found
+
+
+@pytest.fixture(scope='module')
+def quick_demo(tmp_path_factory):
+    """One `run_demo.py --quick` with the time of every line it printed."""
+    report_dir = str(tmp_path_factory.mktemp('demo') / 'report')
+    process = start_demo('--quick', '--output', report_dir)
+    lines, started = [], time.monotonic()
+    for line in process.stdout:
+        lines.append((time.monotonic() - started, line.rstrip('\n')))
+    code = process.wait(timeout=600)
+    with open(os.path.join(report_dir, 'summary.json'), encoding='utf-8') as summary_file:
+        summary = json.load(summary_file)
+    with open(os.path.join(report_dir, 'report.html'), encoding='utf-8') as report_file:
+        page = report_file.read()
+    return {'code': code, 'lines': lines, 'text': '\n'.join(line for _, line in lines), 'dir': report_dir,
+            'summary': summary, 'page': page}
+
+
+def test_every_stage_succeeds_and_prints_its_start_and_end(quick_demo):
+    assert quick_demo['code'] == 0, quick_demo['text'][-3000:]
+    stages = quick_demo['summary']['stages']
+    assert [stage['name'] for stage in stages] == STAGES
+    assert [stage['status'] for stage in stages] == ['succeeded'] * len(STAGES)
+    text = quick_demo['text']
+    for stage in stages:
+        assert re.search(rf'^\[{stage["name"]}\] {re.escape(stage["title"])} \.\.\.$', text, re.MULTILINE)
+        assert re.search(rf'^\[{stage["name"]}\] done in \d+\.\d s$', text, re.MULTILINE)
+        assert os.path.getsize(os.path.join(quick_demo['dir'], stage['log'])) > 0
+    # The stages' own progress shows: training steps and trials.
+    assert re.search(r'^  \[train\] step +200/200 ', text, re.MULTILINE)
+    assert re.search(r'^  \[tune\] \[2/2\] trial-0\d accuracy 0\.\d{4}', text, re.MULTILINE)
+    assert text.splitlines()[-1].startswith('Demo finished in ')
+    assert os.path.join(quick_demo['dir'], 'report.html') in text.splitlines()[-1]
+
+
+def test_it_is_never_silent_for_long(quick_demo):
+    times = [0.0] + [seconds for seconds, _ in quick_demo['lines']]
+    longest = max(later - earlier for earlier, later in zip(times, times[1:]))
+    assert longest <= 13.0, f'{longest:.1f} s without a line'
+
+
+def test_the_served_version_is_the_one_the_promotion_rule_picked(quick_demo):
+    summary = quick_demo['summary']
+    serving_dir = os.path.join(REPO, summary['serving_dir'])
+    names = os.listdir(serving_dir)
+    assert not [name for name in names if name.startswith('.tmp-')]
+    versions = sorted(int(name) for name in names if name.isdigit())
+    assert summary['served']['version'] == versions[-1]
+    promoted = [entry for entry in summary['versions'] if entry['decision'] == 'promoted']
+    assert [entry['version'] for entry in promoted] == versions
+    # Each version was promoted over the one served before it; declined candidates were worse than the one served.
+    best_so_far = 0.0
+    for entry in summary['versions']:
+        with_record = entry['version'] is not None
+        if with_record:
+            with open(os.path.join(serving_dir, str(entry['version']), 'assets.extra', 'run.json')) as record_file:
+                record = json.load(record_file)
+            assert record['accuracy'] == entry['accuracy'] >= best_so_far
+            assert record['promotion']['decision'] == 'promoted'
+            best_so_far = entry['accuracy']
+        else:
+            assert entry['decision'] == 'not promoted' and entry['accuracy'] < best_so_far
+    assert [entry['source'] for entry in summary['versions']] == ['train', 'pipeline', 'retrain']
+    # The server's answers on the test set score what the served version's record says.
+    served = summary['served']
+    assert served['accuracy'] == pytest.approx(served['recorded_accuracy'], abs=0.002)
+    assert sum(map(sum, served['confusion_matrix'])) == served['test_examples'] == 1000
+
+
+def test_report_and_summary_agree(quick_demo):
+    summary, page = quick_demo['summary'], quick_demo['page']
+    served = summary['served']
+    assert f'served version {served["version"]}<b>{served["accuracy"]:.4f}</b>' in page
+    assert f'{len(STAGES)} of {len(STAGES)} succeeded' in page
+    for stage in summary['stages']:
+        assert stage['title'] in page and stage['commands']
+        for command in stage['commands']:
+            assert demo_report.escape(command) in page
+    for trial in summary['tuning']['trials']:
+        assert f'{trial["accuracy"]:.4f}' in page
+    assert page.count('src="data:image/png;base64,') == 2 + 10, 'chart, notebook figure and ten digits, inline'
+    assert not re.search(r'(src|href)="(https?:)?//', page), 'the page fetches nothing'
+    answers = summary['predict_image']
+    assert [answer['sent'] for answer in answers] == list(range(10))
+    assert sum(answer['digit'] == answer['sent'] for answer in answers) >= 8
+    assert summary['notebook']['lines'][0].startswith('sent [1, 3, 9] -> predicted [')
+    assert os.path.isfile(os.path.join(quick_demo['dir'], 'notebook', 'model_serve.ipynb'))
+
+
+def test_no_process_is_left_running(quick_demo):
+    assert processes_mentioning(quick_demo['dir']) == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(quick_demo['summary']['served']['pid'], 0)
+
+
+def test_ctrl_c_stops_the_stage_and_writes_the_report_so_far(tmp_path):
+    report_dir = str(tmp_path / 'report')
+    process = start_demo('--quick', '--output', report_dir)
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith('  [train] '):
+            break
+    process.send_signal(signal.SIGINT)
+    lines += process.stdout.readlines()
+    assert process.wait(timeout=60) == 130, ''.join(lines)
+    assert '[train] interrupted: stopping ...' in ''.join(lines)
+    assert lines[-1].startswith('Demo interrupted in ')
+    with open(os.path.join(report_dir, 'summary.json'), encoding='utf-8') as summary_file:
+        stages = {stage['name']: stage['status'] for stage in json.load(summary_file)['stages']}
+    assert stages == dict({name: 'not run' for name in STAGES}, train='interrupted')
+    assert 'interrupted' in open(os.path.join(report_dir, 'report.html'), encoding='utf-8').read()
+    assert not [name for name in os.listdir(os.path.join(report_dir, 'serving')) if name.startswith('.tmp-')]
+    assert processes_mentioning(report_dir) == []
+
+
+def test_an_existing_report_folder_is_refused(tmp_path):
+    (tmp_path / 'old.txt').write_text('x')
+    process = subprocess.run([sys.executable, RUN_DEMO, '--quick', '--output', str(tmp_path)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert process.returncode == 1
+    assert process.stderr == (f'run_demo.py: error: {tmp_path} exists and is not an empty folder: choose another '
+                              f'--output\n')
+    assert os.listdir(tmp_path) == ['old.txt']
+
+
+def test_the_report_marks_a_failed_stage():
+    stages = [{'name': name, 'title': name.capitalize(), 'status': 'not run', 'seconds': None, 'commands': [],
+               'cluster_command': 'kubectl ...', 'log': f'logs/{name}.log'} for name in STAGES]
+    stages[0].update(status='succeeded', seconds=3.0, commands=['python3 mnist_model/mnist.py'])
+    stages[1].update(status='failed', seconds=1.5, commands=['python3 mnist_model/mnist_pipeline.py --run-local'],
+                     error='exit code 1: mnist_pipeline.py: error: step train failed: disk full')
+    summary = {'started_at': '2026-11-26T12:00:00Z', 'mode': 'quick', 'report_dir': 'demo-report/x',
+               'serving_dir': 'demo-report/x/serving', 'seconds': 4.5, 'stages': stages, 'versions': [],
+               'tuning': None, 'served': None, 'notebook': None, 'predict_image': None}
+    page = demo_report.render(summary)
+    assert '<span class="status failed">failed</span> exit code 1: mnist_pipeline.py: error: step train failed: ' \
+           'disk full' in page
+    assert '1 of 7 succeeded; pipeline failed' in page
+    assert page.count('<span class="status not-run">not run</span>') == 5
