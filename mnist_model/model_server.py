@@ -89,7 +89,8 @@ class ServerSettings(typing.NamedTuple):
 
 def gunzip(data, limit):
     """Decompress a gzip body (one or more members) into at most `limit` bytes, or raise RequestError. Decompressing
-    stops at the limit, so a small body that would inflate to gigabytes (a decompression bomb) costs nothing."""
+    stops at the limit, so a small body that would inflate to gigabytes (a decompression bomb) costs no more than a
+    body at the limit."""
     parts, size = [], 0
     while data:
         decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
