@@ -31,8 +31,8 @@ class ConfigError(Exception):
 
 class BatchingParameters(typing.NamedTuple):
     """The batching knobs, and their values when a file leaves them out: TF Serving's defaults, except that one
-    batch at a time runs rather than one per CPU (on 2 cores, 8 clients got 2 300 requests/s so and 1 800 with 2;
-    docs/serving.md)."""
+    batch runs at a time rather than one per CPU (on 2 cores, 8 clients got 2 300 requests/s with one and 1 800 with
+    two; docs/serving.md)."""
     max_batch_size: int = 1000
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10

@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 # TF Serving's request and runtime latencies: Buckets::Exponential(10, 1.8, 33), i.e. 10 us * 1.8^i up to about
 # 20 minutes; the queuing latency of batching: Exponential(100, 1.2, 52), up to about 1 s. Bounds are rounded to the
-# 6 significant digits TF Serving prints them with, so their `le` labels read the same.
+# 6 significant digits TF Serving prints them with, so their `le` labels read the same (but 10.0 for its 10).
 LATENCY_BUCKETS = [float(f'{10 * 1.8 ** index:.6g}') for index in range(33)]
 QUEUING_BUCKETS = [float(f'{100 * 1.2 ** index:.6g}') for index in range(52)]
 # TF Serving's batch threads are named so unless batching_parameters sets thread_pool_name.
