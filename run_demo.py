@@ -396,8 +396,8 @@ class Demo:
             except StageFailed as error:
                 stage['status'] = 'failed'
                 stage['error'] = str(error)
-                self.echo(f'run_demo.py: error: stage {name} failed: {error} (log: '
-                          f'{display_path(os.path.join(self.report_dir, stage["log"]))})')
+                print(f'run_demo.py: error: stage {name} failed: {error} (log: '
+                      f'{display_path(os.path.join(self.report_dir, stage["log"]))})', file=sys.stderr, flush=True)
                 code = 1
             except KeyboardInterrupt:
                 stage['status'] = 'interrupted'

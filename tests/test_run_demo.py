@@ -177,3 +177,29 @@ def test_the_report_marks_a_failed_stage():
            'disk full' in page
     assert '1 of 7 succeeded; pipeline failed' in page
     assert page.count('<span class="status not-run">not run</span>') == 5
+
+
+def test_a_failed_stage_stops_the_run_with_one_line_and_the_report_so_far(tmp_path, capsys, monkeypatch):
+    import run_demo
+
+    demo = run_demo.Demo(str(tmp_path / 'report'), str(tmp_path / 'serving'), quick=True, trials=2, parallel=2,
+                         echo=print)
+    os.makedirs(demo.serving_dir)
+    ran = []
+    monkeypatch.setattr(demo, 'train', lambda: ran.append('train'))
+
+    def fail():
+        ran.append('pipeline')
+        raise run_demo.StageFailed('exit code 1: mnist_pipeline.py: error: step train failed: disk full')
+
+    monkeypatch.setattr(demo, 'pipeline', fail)
+    monkeypatch.setattr(demo, 'tune', lambda: ran.append('tune'))
+    assert demo.run(keep_serving=False) == 1
+    assert ran == ['train', 'pipeline']
+    error = capsys.readouterr().err
+    assert error == (f'run_demo.py: error: stage pipeline failed: exit code 1: mnist_pipeline.py: error: step train '
+                     f'failed: disk full (log: {os.path.join(str(tmp_path), "report", "logs", "pipeline.log")})\n')
+    with open(tmp_path / 'report' / 'summary.json', encoding='utf-8') as summary_file:
+        stages = {stage['name']: stage['status'] for stage in json.load(summary_file)['stages']}
+    assert stages == dict({name: 'not run' for name in STAGES}, train='succeeded', pipeline='failed')
+    assert 'disk full' in (tmp_path / 'report' / 'report.html').read_text()
