@@ -89,15 +89,14 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
         f'version {served_version} (accuracy unknown)' if served_accuracy is None
         else f'{served_accuracy:.4f} of version {served_version}')
     refusal = ''
-    if force_export:
-        pass
-    elif not math.isfinite(accuracy):
-        refusal = f'its test accuracy {accuracy} is not a number'
-    elif accuracy + tolerance < min_accuracy:
-        refusal = f'its test accuracy {accuracy:.4f} is below the floor --min_accuracy {min_accuracy:.4f}'
-    elif served_accuracy is not None and accuracy + tolerance < served_accuracy + min_improvement:
-        needed = f' + --min_improvement {min_improvement:.4f}' if min_improvement else ''
-        refusal = f'its test accuracy {accuracy:.4f} is below {baseline}{needed}, which stays in service'
+    if not force_export:
+        if not math.isfinite(accuracy):
+            refusal = f'its test accuracy {accuracy} is not a number'
+        elif accuracy + tolerance < min_accuracy:
+            refusal = f'its test accuracy {accuracy:.4f} is below the floor --min_accuracy {min_accuracy:.4f}'
+        elif served_accuracy is not None and accuracy + tolerance < served_accuracy + min_improvement:
+            needed = f' + --min_improvement {min_improvement:.4f}' if min_improvement else ''
+            refusal = f'its test accuracy {accuracy:.4f} is below {baseline}{needed}, which stays in service'
     if refusal:
         promoted, version = False, 0
         line = f'Not promoted: {refusal}; --force_export exports it anyway.'
