@@ -9,8 +9,10 @@ matplotlib, inlined as a PNG) and the confusion matrix. Nothing on the page is f
 """
 import argparse
 import base64
+import functools
 import html
 import io
+import json
 import os
 import string
 import sys
@@ -78,13 +80,15 @@ def versions_table(versions, served):
     return table(['version', 'test accuracy', 'from', 'decision', 'what the promote step said'], rows, classes)
 
 
-def accuracy_chart(trials, goal, best):
-    """A bar chart of the test accuracy of each trial, with the goal line; returns PNG bytes."""
+@functools.lru_cache(maxsize=4)
+def accuracy_chart(trials_json, goal, best):
+    """A bar chart of the test accuracy of each trial (given as JSON, so that run_demo.py's report after every stage
+    draws it once), with the goal line; returns PNG bytes."""
     import matplotlib
     matplotlib.use('Agg')  # No screen: draw into memory.
     import matplotlib.pyplot as plt
 
-    succeeded = [trial for trial in trials if trial['status'] == 'succeeded']
+    succeeded = [trial for trial in json.loads(trials_json) if trial['status'] == 'succeeded']
     names = [trial['trial'] for trial in succeeded]
     accuracies = [trial['accuracy'] for trial in succeeded]
     figure, axes = plt.subplots(figsize=(7.5, 3.2), dpi=100)
@@ -124,7 +128,8 @@ def tuning_section(tuning):
                     [f'{trial["seconds"]:.0f}' if trial.get('seconds') is not None else '-', badge(trial['status'])])
         classes.append('best' if trial['trial'] == tuning['best'] else '')
     leaderboard = table(['rank', 'trial', 'accuracy', 'loss', *HYPERPARAMETERS, 'seconds', 'status'], rows, classes)
-    chart = png_image(accuracy_chart(tuning['trials'], tuning['goal'], tuning['best']), 'Test accuracy per trial')
+    chart = png_image(accuracy_chart(json.dumps(tuning['trials']), tuning['goal'], tuning['best']),
+                      'Test accuracy per trial')
     return (f'<p class="note">Local tuner, results in <code>{escape(tuning["results"])}</code>; the goal '
             f'(Katib\'s objective) is test accuracy {tuning["goal"]}.</p>{leaderboard}{chart}')
 
@@ -225,8 +230,6 @@ def render(summary):
 
 
 def main(argv=None):
-    import json
-
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('summary', help='a summary.json written by run_demo.py')
     args = parser.parse_args(argv)

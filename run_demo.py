@@ -212,7 +212,7 @@ class Demo:
         self.data_flags = [f'--data={display_path(path)}']
 
     def steps_flags(self):
-        return ['--epoch=200'] if self.quick else []
+        return ['--epoch=100'] if self.quick else []
 
     def output_flags(self):
         """Where a training run of the demo exports to and logs to."""
@@ -225,9 +225,7 @@ class Demo:
         self.record_decisions('train', output)
 
     def pipeline(self):
-        package = os.path.join(self.report_dir, 'pipeline', 'mnist_pipeline.yaml')
-        os.makedirs(os.path.dirname(package), exist_ok=True)
-        self.run_command('pipeline', ['python3', PIPELINE_PY, f'--package={display_path(package)}'])
+        # The local run compiles the pipeline first: the package it runs lands in <pipeline_root>/mnist_pipeline.yaml.
         output = self.run_command('pipeline', [
             'python3', PIPELINE_PY, '--run-local', *self.data_flags, *self.steps_flags(),
             f'--pipeline_root={display_path(os.path.join(self.report_dir, "pipeline"))}',
@@ -237,7 +235,7 @@ class Demo:
     def tune(self):
         output_dir = os.path.join(self.report_dir, 'tuning')
         # Quick runs tune small, short trials; the full run searches the demo's whole space.
-        space = ['--space=epoch=100:300:100', '--space=num_hidden_layer_1=64:128:64',
+        space = ['--space=epoch=100:200:100', '--space=num_hidden_layer_1=64:128:64',
                  '--space=num_hidden_layer_2=64:128:64'] if self.quick else []
         self.run_command('tune', ['python3', TUNER_PY, '--local', f'--max_trials={self.summary["trials"]}',
                                   f'--parallel={self.summary["parallel"]}', '--seed=0', *space, *self.data_flags,

@@ -562,25 +562,23 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
                        lambda: centre(crop_and_fit(set_stroke_width(crop_and_fit(ink, work_box)), mnist_box)),
                        lambda: tf.zeros([784], tf.float32))
 
-    class MnistServing(tf.Module):
-        def __init__(self, keras_model):
-            super().__init__()
-            self.model = keras_model
+    @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')])
+    def serve_pixels(pixels):
+        probabilities = model(pixels, training=False)
+        return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')])
-        def serve_pixels(self, pixels):
-            probabilities = self.model(pixels, training=False)
-            return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+    def serve_image(image_bytes):
+        pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32))
+        return serve_pixels(pixels)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
-        def serve_image(self, image_bytes):
-            pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32))
-            return self.serve_pixels(pixels)
-
-    serving = MnistServing(model)
+    # The module carries only the model's variables; the signatures are the two functions, traced once each. (As
+    # tf.function attributes of the module they would be traced a second time when saved: 1.3 s more per export.)
+    serving = tf.Module()
+    serving.model = model
     tf.saved_model.save(serving, export_dir, signatures={
-        'serving_default': serving.serve_pixels.get_concrete_function(),
-        'predict_image': serving.serve_image.get_concrete_function()})
+        'serving_default': serve_pixels.get_concrete_function(),
+        'predict_image': serve_image.get_concrete_function()})
     os.makedirs(os.path.join(export_dir, 'assets.extra'), exist_ok=True)
     run_info = {'hyperparameters': train_info['hyperparameters'], 'accuracy': metrics['accuracy'],
                 'loss': metrics['loss'], 'test_examples': metrics['test_examples'],

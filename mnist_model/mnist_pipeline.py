@@ -236,7 +236,8 @@ class _LocalClient(kfp.LocalClient):
 
 def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_dir: str = None,
               rule: dict = None) -> dict:
-    """Run the pipeline in local processes with kfp's LocalClient; return the output paths and the test metrics.
+    """Compile the pipeline into pipeline_root and run it in local processes with kfp's LocalClient; return the
+    output paths and the test metrics.
     With serving_dir, the promote step applies the promotion rule (mnist.PROMOTION_DEFAULTS overridden by rule)
     to that folder, as it does to the serving_pvc claim on a cluster.
 
@@ -244,6 +245,8 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_
     """
     pipeline_root = os.path.abspath(pipeline_root)
     os.makedirs(pipeline_root, exist_ok=True)
+    # The package a cluster would run, beside the outputs: a local run checks that the pipeline compiles, too.
+    package_path = compile_pipeline(os.path.join(pipeline_root, 'mnist_pipeline.yaml'))
     # LocalClient runs each step as `python3 <program>`: make that the interpreter running this script. A wrapper
     # rather than a symlink, so that a virtual environment's python still finds its pyvenv.cfg and packages.
     bin_dir = tempfile.mkdtemp(prefix='.python-', dir=pipeline_root)
@@ -281,6 +284,7 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_
     if not result.success():
         raise RuntimeError(step_log.failure())
     outputs = {
+        'package': package_path,
         'dataset': result.get_output_file('load-data', 'dataset'),
         'model': result.get_output_file('train', 'model'),
         'metrics': result.get_output_file('evaluate', 'metrics'),
@@ -526,7 +530,8 @@ def main(argv=None) -> int:
     parser.add_argument('--package', default=PACKAGE_PATH,
                         help='where to write the compiled pipeline (default: mnist_pipeline.yaml next to this script)')
     parser.add_argument('--run-local', '--run_local', dest='run_local', action='store_true',
-                        help='run the pipeline on this machine with kfp LocalClient (no Docker) on --data')
+                        help='run the pipeline on this machine with kfp LocalClient (no Docker) on --data; the '
+                             'compiled package it runs is written beside its outputs')
     parser.add_argument('--pipeline_root', '--pipeline-root', default=None,
                         help='folder for the local run\'s outputs (default: a new temporary folder)')
     parser.add_argument('--host', type=_http_url,

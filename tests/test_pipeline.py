@@ -219,8 +219,12 @@ def test_local_run_succeeds_and_prints_outputs_and_metrics(local_run):
     stdout = local_run['stdout']
     assert re.search(r'^Local run mnist-image-classification-pipeline_\d+ succeeded', stdout, re.MULTILINE)
     paths = _printed_paths(stdout)
-    assert set(paths) == {'dataset', 'model', 'metrics', 'mlpipeline_metrics', 'mlpipeline_ui_metadata',
+    assert set(paths) == {'package', 'dataset', 'model', 'metrics', 'mlpipeline_metrics', 'mlpipeline_ui_metadata',
                           'export_dir', 'promote_metrics', 'promote_ui_metadata', 'served version'}
+    # The package it ran is the one the demo uploads.
+    with open(paths['package'], encoding='utf-8') as package, open(mnist_pipeline.PACKAGE_PATH, encoding='utf-8') as \
+            committed:
+        assert package.read() == committed.read()
     assert paths.pop('served version') == os.path.join(local_run['serving_dir'], '1')
     for path in paths.values():
         assert path.startswith(local_run['root']) and os.path.exists(path)

@@ -66,7 +66,7 @@ def test_every_stage_succeeds_and_prints_its_start_and_end(quick_demo):
         assert re.search(rf'^\[{stage["name"]}\] done in \d+\.\d s$', text, re.MULTILINE)
         assert os.path.getsize(os.path.join(quick_demo['dir'], stage['log'])) > 0
     # The stages' own progress shows: training steps and trials.
-    assert re.search(r'^  \[train\] step +200/200 ', text, re.MULTILINE)
+    assert re.search(r'^  \[train\] step +100/100 ', text, re.MULTILINE)
     assert re.search(r'^  \[tune\] \[2/2\] trial-0\d accuracy 0\.\d{4}', text, re.MULTILINE)
     assert text.splitlines()[-1].startswith('Demo finished in ')
     assert os.path.join(quick_demo['dir'], 'report.html') in text.splitlines()[-1]
