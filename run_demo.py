@@ -412,7 +412,9 @@ class Demo:
             # Nothing keeps running after a failure or Ctrl-C: the server is stopped too.
             self.stop_process(self.server, signal.SIGTERM)
             self.summary['served'] = self.summary['served'] and dict(self.summary['served'], pid=None)
-        self.write_report()
+            # The report so far, with the stage that stopped the run marked (a finished run wrote it after its
+            # last stage).
+            self.write_report()
         return code
 
 

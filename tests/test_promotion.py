@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-import mnist
 from conftest import REPO, TINY_HPARAMS, promote_into, run_script
 
 MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
