@@ -6,11 +6,11 @@
 #   docker push <registry>/jupyter/mnist-tensorflow-cpu:1.0.0
 FROM kubeflownotebookswg/jupyter-tensorflow:v1.9.2
 
-# The base image ships tensorflow 2.15; requirements.txt pins tensorflow-cpu 2.19, which installs into the same
+# The base image ships tensorflow 2.15; requirements.txt pins tensorflow-cpu 2.20, which installs into the same
 # `tensorflow` package folder, so remove the old distribution first rather than having two claim it.
-COPY --chown=jovyan:users requirements.txt /tmp/requirements.txt
+COPY --chown=jovyan:users requirements.txt requirements-base.txt /tmp/
 RUN python3 -m pip uninstall --yes --quiet tensorflow \
  && python3 -m pip install --quiet --no-cache-dir -r /tmp/requirements.txt \
- && rm -f /tmp/requirements.txt
+ && rm -f /tmp/requirements.txt /tmp/requirements-base.txt
 
 COPY --chown=jovyan:users . /opt/mlops-demo

@@ -65,9 +65,9 @@ EXPERIMENT_NAME = 'MNIST'
 SCHEDULE_NAME = 'mnist-pipeline-schedule'
 SCHEDULE_DESCRIPTION = 'MNIST Image Classification Model Workflow. 1 Weeks'
 SCHEDULE_INTERVAL_SECONDS = 7 * 24 * 60 * 60
-# The steps need only TensorFlow 2.19 (requirements.txt pins tensorflow-cpu 2.19.1; 2.19.0 is the image tag we could
-# verify), its NumPy and the standard library: every step runs in this image with nothing installed at run time.
-BASE_IMAGE = 'tensorflow/tensorflow:2.19.0'
+# The steps need only TensorFlow 2.20 (requirements-base.txt pins tensorflow-cpu 2.20.0), its NumPy and the standard
+# library: every step runs in this stock image with nothing installed at run time.
+BASE_IMAGE = 'tensorflow/tensorflow:2.20.0'
 # The public copy of the Keras-layout MNIST npz; an air-gapped cluster points data_url at an internal mirror.
 DEFAULT_DATA_URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
 PACKAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_pipeline.yaml')

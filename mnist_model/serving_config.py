@@ -63,8 +63,7 @@ def message_classes():
         batching.field.add(name=name, number=number, type=field_type.TYPE_MESSAGE,
                            type_name='.google.protobuf.Int64Value', label=field_type.LABEL_OPTIONAL)
     pool.Add(file_proto)
-    factory = message_factory.MessageFactory(pool)
-    return {name: factory.GetPrototype(pool.FindMessageTypeByName(f'tensorflow.serving.{name}'))
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f'tensorflow.serving.{name}'))
             for name in ('MonitoringConfig', 'BatchingParameters')}
 
 

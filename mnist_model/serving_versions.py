@@ -88,7 +88,7 @@ def read_signature_defs(saved_model_dir):
         saved_model.ParseFromString(proto_file.read())
     meta_graph = saved_model.meta_graphs[0]
     return {name: json_format.MessageToDict(signature_def, preserving_proto_field_name=True,
-                                            including_default_value_fields=True)
+                                            always_print_fields_with_no_presence=True)
             for name, signature_def in meta_graph.signature_def.items()}
 
 

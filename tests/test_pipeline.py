@@ -119,7 +119,7 @@ def test_promote_runs_only_with_a_claim_and_mounts_the_claim_it_names(workflow):
 def test_images_are_pinned_and_nothing_is_installed_at_run_time(workflow):
     for name in STEPS:
         container = _templates(workflow)[name]['container']
-        assert container['image'] == mnist_pipeline.BASE_IMAGE == 'tensorflow/tensorflow:2.19.0'
+        assert container['image'] == mnist_pipeline.BASE_IMAGE == 'tensorflow/tensorflow:2.20.0'
         command = ' '.join(container['command'] + container.get('args', []))
         assert 'pip install' not in command and 'pip3 install' not in command
     assert 'python:3.7' not in workflow['text'] and ':latest' not in workflow['text']

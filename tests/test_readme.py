@@ -88,7 +88,7 @@ def test_readme_setup_commands_are_what_ci_runs():
     assert 'pip install -r requirements-dev.txt && python3 -m pytest -q' in readme
     assert '-r requirements-dev.txt' in ci and "# README's test command:\npython3 -m pytest -q\n" in ci
     # The first command installs what opening the notebook needs.
-    with open(os.path.join(REPO, 'requirements.txt'), encoding='utf-8') as file:
+    with open(os.path.join(REPO, 'requirements-base.txt'), encoding='utf-8') as file:
         requirements = file.read()
     assert re.search(r'^jupyterlab==[\d.]+$', requirements, re.MULTILINE)
     assert re.search(r'^ipykernel==[\d.]+$', requirements, re.MULTILINE)
