@@ -24,8 +24,9 @@ Serving contract of an exported version, <export_dir>/<version>/ (saved_model_cl
         output  probabilities  float32 [-1, 10]
         output  digit          int64   [-1]
     signature predict_image
-        input   image_bytes    string  [-1]       PNG or JPEG bytes (base64 {"b64": ...} over REST), any size,
-                                                  gray/RGB/RGBA, dark ink on light paper is inverted,
+        input   image_bytes    string  [-1]       PNG or JPEG bytes (base64 {"b64": ...} over REST), gray/RGB/RGBA,
+                                                  at most 4096 px a side (read from the header before
+                                                  decoding), dark ink on light paper is inverted,
                                                   strokes thickened or thinned to MNIST's pen width
         outputs as serving_default
     assets.extra/run.json: hyperparameters, test accuracy and loss, TensorFlow version, data checksum, the version
@@ -476,6 +477,10 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
     # drawing; this one keeps the re-drawn MNIST test digits best (0.975 against 0.9735-0.975). The width is set at
     # work_box px, 4 times the box, where one step of 3x3 dilation or erosion changes it by 0.5 MNIST px.
     mnist_box, work_box = 20, 80
+    # The largest image predict_image reads, in px a side: 4096x4096 takes about 0.5 GB and 0.8 s to read, and
+    # images are read one at a time. A JPEG's size is in its frame header, after at most this many segments.
+    max_image_side = 4096
+    max_jpeg_segments = 1000
     stroke_range = (2.0, 3.3)
     max_width_steps = 8
 
@@ -539,8 +544,67 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
         placed = tf.pad(digit, [[pad_top, 28 - height - pad_top], [pad_left, 28 - width - pad_left]])
         return tf.reshape(placed, [784])
 
+    def read_bytes(image_bytes, position, count):
+        """`count` bytes of image_bytes from `position` as int64 values, zeros past its end (a truncated header then
+        reads as a size of 0, which the check refuses)."""
+        length = tf.cast(tf.strings.length(image_bytes), tf.int64)
+        window = tf.strings.substr(image_bytes, tf.minimum(tf.cast(position, tf.int64), length),
+                                   tf.constant(count, tf.int64))
+        values = tf.cast(tf.io.decode_raw(window, tf.uint8), tf.int64)
+        return tf.pad(values, [[0, count - tf.shape(values)[0]]])
+
+    def jpeg_size(image_bytes):
+        """(width, height) from a JPEG's frame header (SOFn), found by walking the segments before it; (0, 0) if
+        there is none within max_jpeg_segments segments."""
+        def walk(position, segments, width, height):
+            header = read_bytes(image_bytes, position, 9)
+            marker = header[1]
+            is_frame = (header[0] == 0xFF) & (marker >= 0xC0) & (marker <= 0xCF) & (marker != 0xC4) & (
+                marker != 0xC8) & (marker != 0xCC)
+            # A fill byte (0xFF) or a marker without a length (SOI, TEMn, RSTn) takes 1 or 2 bytes, the others
+            # carry their length; anything else (no 0xFF, the scan or the end before a frame) ends the walk.
+            step = tf.where(marker == 0xFF, tf.constant(1, tf.int64),
+                            tf.where((marker == 0x01) | ((marker >= 0xD0) & (marker <= 0xD8)), tf.constant(2, tf.int64),
+                                     2 + header[2] * 256 + header[3]))
+            stop = is_frame | (header[0] != 0xFF) | (marker == 0xD9) | (marker == 0xDA)
+            return (tf.where(stop, tf.constant(-1, tf.int64), position + step),
+                    segments + 1,
+                    tf.where(is_frame, header[7] * 256 + header[8], width),
+                    tf.where(is_frame, header[5] * 256 + header[6], height))
+
+        _, _, width, height = tf.while_loop(
+            lambda position, segments, width, height: (position >= 0) & (segments < max_jpeg_segments), walk,
+            [tf.constant(2, tf.int64), tf.constant(0), tf.constant(0, tf.int64), tf.constant(0, tf.int64)])
+        return width, height
+
+    def png_size(image_bytes):
+        """(width, height) from a PNG's IHDR chunk, which the format requires to come first."""
+        header = read_bytes(image_bytes, 16, 8)
+        width = ((header[0] * 256 + header[1]) * 256 + header[2]) * 256 + header[3]
+        height = ((header[4] * 256 + header[5]) * 256 + header[6]) * 256 + header[7]
+        return width, height
+
+    def check_image(image_bytes):
+        """Assertions that the bytes are a PNG or JPEG whose header says at most max_image_side px a side: decoding
+        a small file can take gigabytes (an 80 KB PNG of 8000x8000 zeros decodes to 2.3 GB), so the size is read
+        from the header before anything is decoded."""
+        is_png = tf.strings.substr(image_bytes, 0, 8) == b'\x89PNG\r\n\x1a\n'
+        is_jpeg = tf.io.is_jpeg(image_bytes)
+        known = tf.debugging.Assert(is_png | is_jpeg, [
+            'image_bytes: not a PNG or JPEG image (predict_image reads PNG and JPEG)'])
+        with tf.control_dependencies([known]):
+            width, height = tf.cond(is_png, lambda: png_size(image_bytes), lambda: jpeg_size(image_bytes))
+        fits = (width >= 1) & (height >= 1) & (width <= max_image_side) & (height <= max_image_side)
+        message = tf.strings.format(
+            'image_bytes: the image header says {}x{} px; predict_image reads images of 1 to ' + str(max_image_side)
+            + ' px a side', [width, height], summarize=-1)
+        return [tf.debugging.Assert(fits, [message])]
+
     def to_mnist_pixels(image_bytes):
         """Decode one image and normalise it the way MNIST was made, returning 784 pixels of 0-255."""
+        with tf.control_dependencies(check_image(image_bytes)):
+            # The decoders below read these bytes, so they run only once the size check has passed.
+            image_bytes = tf.identity(image_bytes)
         # JPEG has no alpha channel: add an opaque one, so that every image is RGBA from here on.
         rgba = tf.cond(
             tf.io.is_jpeg(image_bytes),
@@ -569,7 +633,9 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
     def serve_image(image_bytes):
-        pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32))
+        # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
+        pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
+                           parallel_iterations=1)
         return serve_pixels(pixels)
 
     # The module carries only the model's variables; the signatures are the two functions, traced once each. (As
