@@ -788,11 +788,12 @@ def main(argv=None):
         if others:
             parser.error(f'--retire takes only --export_dir, not {others[0]}')
         try:
-            hidden_name, served = retire(args.export_dir, args.retire)
+            hidden_name, served, was_served = retire(args.export_dir, args.retire)
         except (ValueError, OSError) as error:
             print(f'mnist.py: error: {error}', file=sys.stderr)
             return 1
-        now = ('is served again (servers switch within their poll interval)' if served < args.retire
+        # The version named is the one servers load now: the largest loadable one left.
+        now = ('is served again (servers switch within their poll interval)' if was_served
                else 'stays in service')
         print(f'Retired version {args.retire}: renamed to {os.path.join(args.export_dir, hidden_name)}; version '
               f'{served} {now}.')
@@ -823,6 +824,10 @@ def main(argv=None):
     except (ValueError, OSError) as error:
         print(f'mnist.py: error: {error}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # promote says itself whether it had promoted the version when the interrupt came.
+        print('mnist.py: interrupted', file=sys.stderr)
+        return 130
 
     print(f'\nTest accuracy {result["accuracy"]:.4f}, loss {result["loss"]:.4f} '
           f'(training took {result["train_seconds"]:.1f} s)')

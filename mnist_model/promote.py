@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
+import types
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -32,21 +32,209 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     """Copy the exported candidate into serving_dir (the folder of integer versions that TF Serving polls) as a new
     version, but only if it is at least as good as the version served now. The rule:
       - its test accuracy >= min_accuracy (a floor), and
-      - its test accuracy >= the accuracy in assets.extra/run.json of the largest version there, plus min_improvement
-        (a tie promotes). A served version without a readable run.json counts as unknown: the candidate is promoted.
+      - its test accuracy >= the accuracy in assets.extra/run.json of the version a server would serve (the largest
+        loadable version, serving_folder().versions()), plus min_improvement (a tie promotes). A served version
+        without a readable run.json counts as unknown: the candidate is promoted.
     force_export promotes regardless. The version is model_version, or one more than any version there or retired
     (.retired-N-*), so a number is never reused. It is built under a hidden name and renamed into place, so a polling
-    server never sees it half-written; declined, nothing is left in serving_dir. Prints the decision in one line and
-    writes it as KFP run metrics (promoted 1/0, model-version) and a markdown line for the run's page."""
+    server never sees it half-written; declined or failed, nothing is left in serving_dir. The decision and the rename
+    happen under the folder's promotion lock, so concurrent promotions (several pods on one shared volume) are decided
+    one after the other, each against the version the one before it left. Prints the decision in one line and writes
+    it as KFP run metrics (promoted 1/0, model-version) and a markdown line for the run's page. Interrupted (Ctrl-C),
+    it says on stderr whether the version was promoted; a full disk is one line naming the folder and the cause."""
     import collections
     import datetime
     import json
     import math
     import os
-    import re
     import shutil
     import sys
     import tempfile
+
+    def serving_folder(path):
+        """What promote(), retire() and the model servers must agree on about a serving folder, defined once. It is
+        here, inside the step, because a KFP lightweight component carries only its function's source; promote.py
+        takes it out for the others. Returns a namespace of functions:
+          versions()    the versions a server would load, sorted; the largest is the one served. A version is a
+                        folder named by ASCII digits without a leading zero (str.isdigit() also accepts '²', which
+                        int() refuses) that holds a saved_model.pb. OSError if the folder cannot be listed.
+          numbers()     every number taken there: versions, other integer folders and retired ones (.retired-N-*).
+          lock(wait_seconds, stale_seconds)
+                        take the folder's promotion lock: a folder .promotion-lock (creating a folder is atomic, on
+                        NFS and other shared volumes too) holding owner.json, the holder's host, pid namespace, pid,
+                        process start time and a random token. A lock whose holder is provably gone (same host and pid
+                        namespace, no such process) is taken over at once; any other is taken over once it has not
+                        changed for stale_seconds (holders keep it for milliseconds). Returns (still_held, release);
+                        TimeoutError after wait_seconds, naming the holder.
+          owner()       this process's owner record, as the lock and staging folders store it.
+          clean_staging(max_age_seconds)
+                        remove .tmp-* folders that no live process is writing: their owner record names a process
+                        that is gone, or (written on another host, or without a record) nothing in them changed for
+                        max_age_seconds. Returns one line per folder removed."""
+        import json
+        import os
+        import re
+        import secrets
+        import shutil
+        import socket
+        import time
+        import types
+
+        lock_dir = os.path.join(path, '.promotion-lock')
+        owner_name = '.promotion-owner.json'
+
+        def versions():
+            try:
+                names = os.listdir(path)
+            except FileNotFoundError:
+                return []
+            return sorted(int(name) for name in names if re.fullmatch(r'0|[1-9][0-9]{0,17}', name, re.ASCII)
+                          and os.path.isfile(os.path.join(path, name, 'saved_model.pb')))
+
+        def numbers():
+            names = os.listdir(path) if os.path.isdir(path) else []
+            matches = [re.fullmatch(r'([0-9]{1,18})|\.retired-([0-9]{1,18})-.*', name, re.ASCII) for name in names]
+            return [int(match.group(1) or match.group(2)) for match in matches if match]
+
+        def start_time(pid):
+            """The process's start time in clock ticks since boot (Linux), which tells a reused pid apart."""
+            try:
+                with open(f'/proc/{pid}/stat') as stat_file:
+                    return int(stat_file.read().rsplit(')', 1)[1].split()[19])
+            except (OSError, IndexError, ValueError):
+                return None
+
+        def pid_namespace():
+            try:
+                return os.readlink('/proc/self/ns/pid')
+            except OSError:
+                return ''
+
+        def owner():
+            return {'host': socket.gethostname(), 'pid_namespace': pid_namespace(), 'pid': os.getpid(),
+                    'start_time': start_time(os.getpid()), 'token': secrets.token_hex(8),
+                    'since': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}
+
+        def is_gone(record):
+            """True only when the record's process provably no longer runs: it ran here, and no process with its
+            pid and start time does."""
+            if not isinstance(record, dict) or record.get('host') != socket.gethostname() \
+                    or record.get('pid_namespace') != pid_namespace() or not isinstance(record.get('pid'), int):
+                return False
+            if start_time(os.getpid()) is None:  # No /proc: ask the kernel whether the pid exists at all.
+                try:
+                    os.kill(record['pid'], 0)
+                except ProcessLookupError:
+                    return True
+                except OSError:
+                    return False
+                return False
+            return start_time(record['pid']) != record.get('start_time')
+
+        def read_record(record_path):
+            try:
+                with open(record_path) as record_file:
+                    return json.load(record_file)
+            except (OSError, ValueError):
+                return None
+
+        def write_record(record_path, record):
+            # Written beside and renamed, so that a reader sees the whole record or none.
+            with open(record_path + '.writing', 'w') as record_file:
+                json.dump(record, record_file)
+            os.replace(record_path + '.writing', record_path)
+
+        def identity(folder):
+            """What tells one holding of the lock from the next: the owner's token, or for a lock still being made
+            (no record yet) the folder's inode and time."""
+            record = read_record(os.path.join(folder, 'owner.json'))
+            if isinstance(record, dict) and 'token' in record:
+                return record['token'], record
+            try:
+                stat = os.stat(folder)
+            except OSError:
+                return None, None
+            return f'{stat.st_ino}-{stat.st_mtime_ns}', None
+
+        def describe(record):
+            if not isinstance(record, dict):
+                return 'a process that has not written its owner record'
+            return f'pid {record.get("pid")} on host {record.get("host")} since {record.get("since")}'
+
+        def lock(wait_seconds=300.0, stale_seconds=30.0):
+            mine = owner()
+            deadline = time.monotonic() + wait_seconds
+            first_seen = {}
+            while True:
+                try:
+                    os.mkdir(lock_dir)
+                except FileExistsError:
+                    key, record = identity(lock_dir)
+                    now = time.monotonic()
+                    if key is not None and (is_gone(record) or now - first_seen.setdefault(key, now) > stale_seconds):
+                        # Taken over by renaming it away: of several waiters only one rename succeeds. If what was
+                        # renamed is not the lock judged stale (its holder released it and another took it
+                        # meanwhile), it is put back; that holder's still_held() says whether that worked.
+                        stale_dir = f'{lock_dir}.stale-{secrets.token_hex(4)}'
+                        try:
+                            os.rename(lock_dir, stale_dir)
+                        except OSError:
+                            continue
+                        if identity(stale_dir)[0] != key:
+                            try:
+                                os.rename(stale_dir, lock_dir)
+                            except OSError:
+                                pass
+                        shutil.rmtree(stale_dir, ignore_errors=True)
+                        continue
+                    if now > deadline:
+                        raise TimeoutError(f'{lock_dir} is held by {describe(record)}: another promotion or retirement '
+                                           f'is running there (waited {wait_seconds:g} s)') from None
+                    time.sleep(0.02)
+                    continue
+                try:
+                    write_record(os.path.join(lock_dir, 'owner.json'), mine)
+                except BaseException:
+                    shutil.rmtree(lock_dir, ignore_errors=True)
+                    raise
+                break
+
+            def still_held():
+                return identity(lock_dir)[0] == mine['token']
+
+            def release():
+                if still_held():
+                    shutil.rmtree(lock_dir, ignore_errors=True)
+
+            return still_held, release
+
+        def clean_staging(max_age_seconds=3600.0):
+            removed = []
+            names = os.listdir(path) if os.path.isdir(path) else []
+            for name in sorted(names):
+                folder = os.path.join(path, name)
+                if not (name.startswith('.tmp-') or name.startswith('.promotion-lock.stale-')) \
+                        or not os.path.isdir(folder):
+                    continue
+                record = read_record(os.path.join(folder, owner_name))
+                if is_gone(record):
+                    reason = f'left by {describe(record)}, which is gone'
+                else:
+                    try:
+                        newest = max(os.stat(os.path.join(root, entry)).st_mtime
+                                     for root, folders, files in os.walk(folder) for entry in ['.', *files])
+                    except (OSError, ValueError):
+                        continue
+                    if time.time() - newest < max_age_seconds:
+                        continue
+                    reason = f'unchanged for {(time.time() - newest) / 3600:.1f} h'
+                shutil.rmtree(folder, ignore_errors=True)
+                if not os.path.exists(folder):
+                    removed.append(f'Removed {folder}, an unfinished promotion {reason}.')
+            return removed
+
+        return types.SimpleNamespace(versions=versions, numbers=numbers, lock=lock, owner=owner,
+                                     clean_staging=clean_staging, owner_name=owner_name)
 
     if not 0.0 <= min_accuracy <= 1.0:
         raise ValueError(f'min_accuracy must be a test accuracy in [0, 1], got {min_accuracy}')
@@ -55,22 +243,23 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     with open(os.path.join(export_dir, 'assets.extra', 'run.json')) as file:
         run_info = json.load(file)
     accuracy = float(run_info['accuracy'])
+    folder = serving_folder(serving_dir)
 
-    def numbered(pattern):
-        """The version numbers of the folders in serving_dir whose names match pattern (group 1 is the number)."""
-        names = os.listdir(serving_dir) if os.path.isdir(serving_dir) else []
-        return [int(match.group(1)) for match in map(re.compile(pattern).fullmatch, names) if match]
+    def no_room(error):
+        """One line for a failed write into serving_dir: the folder, the cause and that nothing was added."""
+        if isinstance(error, shutil.Error):  # copytree gathers (source, destination, reason) for every file.
+            error = error.args[0][0][2] if error.args and error.args[0] and len(error.args[0][0]) == 3 else error
+        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        where = f' ({error.filename})' if isinstance(error, OSError) and error.filename else ''
+        return OSError(f'cannot promote into {serving_dir}: {cause}{where}; nothing was added to it')
 
-    def next_version():
-        return max(numbered(r'([0-9]+)') + numbered(r'\.retired-([0-9]+)-.*'), default=0) + 1
+    warned = set()
 
-    os.makedirs(serving_dir, exist_ok=True)
-    if model_version and os.path.exists(os.path.join(serving_dir, str(model_version))):
-        raise FileExistsError(f'{os.path.join(serving_dir, str(model_version))} already exists: '
-                              f'choose another model version')
-    served_version = max(numbered(r'([0-9]+)'), default=None)
-    served_accuracy = None
-    if served_version is not None:
+    def served_now():
+        """The version a server would serve now and its recorded test accuracy (None: unknown)."""
+        served_version = max(folder.versions(), default=None)
+        if served_version is None:
+            return None, None
         record_path = os.path.join(serving_dir, str(served_version), 'assets.extra', 'run.json')
         try:
             with open(record_path) as file:
@@ -78,79 +267,125 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
             if not 0.0 <= served_accuracy <= 1.0:
                 raise ValueError(f'accuracy {served_accuracy} is not in [0, 1]')
         except (OSError, ValueError, KeyError, TypeError) as error:
-            served_accuracy = None
             reason = 'it has none' if isinstance(error, FileNotFoundError) else f'{type(error).__name__}: {error}'
-            print(f'warning: cannot read the test accuracy of served version {served_version} from {record_path} '
-                  f'({reason}); treating it as unknown', file=sys.stderr, flush=True)
+            warning = (f'warning: cannot read the test accuracy of served version {served_version} from '
+                       f'{record_path} ({reason}); treating it as unknown')
+            if warning not in warned:  # The rule looks twice: before the copy and under the lock.
+                warned.add(warning)
+                print(warning, file=sys.stderr, flush=True)
+            return served_version, None
+        return served_version, served_accuracy
 
-    # Accuracies are counts over the test set; the tolerance keeps a float sum such as 0.97 + 0.01 from refusing a tie.
-    tolerance = 1e-9
-    baseline = '' if served_version is None else (
-        f'version {served_version} (accuracy unknown)' if served_accuracy is None
-        else f'{served_accuracy:.4f} of version {served_version}')
-    refusal = ''
-    if not force_export:
+    def refusal_against(served_version, served_accuracy):
+        """Why the rule declines the candidate against that served version ('' if it promotes), and the baseline's
+        description."""
+        # Accuracies are counts over the test set; the tolerance keeps a float sum such as 0.97 + 0.01 from refusing
+        # a tie.
+        tolerance = 1e-9
+        baseline = '' if served_version is None else (
+            f'version {served_version} (accuracy unknown)' if served_accuracy is None
+            else f'{served_accuracy:.4f} of version {served_version}')
+        if force_export:
+            return '', baseline
         if not math.isfinite(accuracy):
-            refusal = f'its test accuracy {accuracy} is not a number'
-        elif accuracy + tolerance < min_accuracy:
-            refusal = f'its test accuracy {accuracy:.4f} is below the floor --min_accuracy {min_accuracy:.4f}'
-        elif served_accuracy is not None and accuracy + tolerance < served_accuracy + min_improvement:
+            return f'its test accuracy {accuracy} is not a number', baseline
+        if accuracy + tolerance < min_accuracy:
+            return f'its test accuracy {accuracy:.4f} is below the floor --min_accuracy {min_accuracy:.4f}', baseline
+        if served_accuracy is not None and accuracy + tolerance < served_accuracy + min_improvement:
             needed = f' + --min_improvement {min_improvement:.4f}' if min_improvement else ''
-            refusal = f'its test accuracy {accuracy:.4f} is below {baseline}{needed}, which stays in service'
-    if refusal:
-        promoted, version = False, 0
-        line = f'Not promoted: {refusal}; --force_export exports it anyway.'
-    else:
+            return f'its test accuracy {accuracy:.4f} is below {baseline}{needed}, which stays in service', baseline
+        return '', baseline
+
+    try:
+        os.makedirs(serving_dir, exist_ok=True)
+    except OSError as error:
+        raise no_room(error) from None
+    if model_version and os.path.exists(os.path.join(serving_dir, str(model_version))):
+        raise FileExistsError(f'{os.path.join(serving_dir, str(model_version))} already exists: '
+                              f'choose another model version')
+    for line in folder.clean_staging():
+        print(line, file=sys.stderr, flush=True)
+    # A first look without the lock spares copying a candidate that the rule declines anyway; the rule is applied
+    # again under the lock, against the version served then.
+    served_version, served_accuracy = served_now()
+    refusal, baseline = refusal_against(served_version, served_accuracy)
+    promoted, version, version_dir = False, 0, ''
+    if not refusal:
         decision = 'forced' if force_export else 'promoted'
-        version = model_version or next_version()
-        # Build the version in a hidden folder beside its final place: TF Serving only loads integer folder names,
-        # and a rename within one file system is atomic.
-        staging_dir = tempfile.mkdtemp(prefix=f'.tmp-{version}-', dir=serving_dir)
+        staging_dir, release = None, None
         try:
-            shutil.copytree(export_dir, staging_dir, dirs_exist_ok=True)
-            owner = os.stat(serving_dir)
-            for folder, _, files in os.walk(staging_dir):
-                # mkdtemp makes the folder private; a server running as another user must be able to read it.
-                os.chmod(folder, 0o755)
-                for name in files:
-                    os.chmod(os.path.join(folder, name), 0o644)
-                if os.geteuid() == 0 and owner.st_uid != 0:
-                    # A pipeline step runs as root; the notebook user who owns the folder must be able to retire it.
-                    for path in [folder] + [os.path.join(folder, name) for name in files]:
-                        os.chown(path, owner.st_uid, owner.st_gid)
-            while True:
-                run_info['model_version'] = version
-                run_info['promotion'] = {
-                    'decision': decision, 'baseline_version': served_version, 'baseline_accuracy': served_accuracy,
-                    'min_accuracy': min_accuracy, 'min_improvement': min_improvement,
-                    'promoted_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
-                with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
-                    json.dump(run_info, file, indent=2)
-                version_dir = os.path.join(serving_dir, str(version))
-                try:
+            try:
+                # Built in a hidden folder beside its final place: servers only load integer folder names, and a
+                # rename within one file system is atomic. The owner record tells a later promotion whether the
+                # writer still runs.
+                staging_dir = tempfile.mkdtemp(prefix='.tmp-', dir=serving_dir)
+                owner_path = os.path.join(staging_dir, folder.owner_name)
+                with open(owner_path, 'w') as file:
+                    json.dump(folder.owner(), file)
+                shutil.copytree(export_dir, staging_dir, dirs_exist_ok=True)
+                owner = os.stat(serving_dir)
+                for directory, _, files in os.walk(staging_dir):
+                    # mkdtemp makes the folder private; a server running as another user must be able to read it.
+                    os.chmod(directory, 0o755)
+                    for name in files:
+                        os.chmod(os.path.join(directory, name), 0o644)
+                    if os.geteuid() == 0 and owner.st_uid != 0:
+                        # A pipeline step runs as root; the notebook user who owns the folder must be able to retire
+                        # it.
+                        for path in [directory] + [os.path.join(directory, name) for name in files]:
+                            os.chown(path, owner.st_uid, owner.st_gid)
+                still_held, release = folder.lock()
+                served_version, served_accuracy = served_now()
+                refusal, baseline = refusal_against(served_version, served_accuracy)
+                if not refusal:
+                    version = model_version or max(folder.numbers(), default=0) + 1
+                    version_dir = os.path.join(serving_dir, str(version))
                     if os.path.exists(version_dir):
                         raise FileExistsError(f'{version_dir} appeared while promoting: choose another model version')
+                    run_info['model_version'] = version
+                    run_info['promotion'] = {
+                        'decision': decision, 'baseline_version': served_version,
+                        'baseline_accuracy': served_accuracy, 'min_accuracy': min_accuracy,
+                        'min_improvement': min_improvement,
+                        'promoted_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')}
+                    with open(os.path.join(staging_dir, 'assets.extra', 'run.json'), 'w') as file:
+                        json.dump(run_info, file, indent=2)
+                    os.remove(owner_path)
+                    if not still_held():
+                        raise TimeoutError(f'the promotion lock of {serving_dir} was taken over while this promotion '
+                                           f'held it; nothing was added')
                     os.rename(staging_dir, version_dir)
-                    break
-                except OSError:
-                    # Another promotion took this number meanwhile: take the next free one, unless the number was
-                    # asked for or the rename failed for another reason (then the number is still free).
-                    if model_version or next_version() == version:
-                        raise
-                    version = next_version()
-        except BaseException:
-            shutil.rmtree(staging_dir, ignore_errors=True)
+                    promoted = True
+            except (shutil.Error, OSError) as error:
+                if isinstance(error, (FileExistsError, TimeoutError)):
+                    raise
+                raise no_room(error) from None
+        except BaseException as error:
+            # Whatever stopped the promotion, the version is either whole in place or not there at all.
+            promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
+                                        and not os.path.exists(staging_dir))
+            if isinstance(error, KeyboardInterrupt):
+                state = (f'version {version} was promoted: it is {version_dir}' if promoted else
+                         f'nothing was promoted; {serving_dir} is as it was')
+                print(f'promote: interrupted; {state}', file=sys.stderr, flush=True)
             raise
-        promoted = True
-        if force_export:
-            line = f'Forced: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir} without the ' \
-                   f'promotion rule' + (f'; it replaces {baseline}' if baseline else '') + '.'
-        elif served_version is None:
-            line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}, the first ' \
-                   f'version there.'
-        else:
-            line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}; it ' \
-                   f'replaces {baseline}.'
+        finally:
+            if staging_dir is not None and os.path.exists(staging_dir):
+                shutil.rmtree(staging_dir, ignore_errors=True)
+            if release is not None:
+                release()
+    if not promoted:
+        version = 0
+        line = f'Not promoted: {refusal}; --force_export exports it anyway.'
+    elif force_export:
+        line = f'Forced: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir} without the ' \
+               f'promotion rule' + (f'; it replaces {baseline}' if baseline else '') + '.'
+    elif served_version is None:
+        line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}, the first ' \
+               f'version there.'
+    else:
+        line = f'Promoted: version {version} (test accuracy {accuracy:.4f}) exported to {version_dir}; it ' \
+               f'replaces {baseline}.'
     print(line, flush=True)
 
     def write_json(path, content):
@@ -158,29 +393,55 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
         with open(path, 'w') as file:
             json.dump(content, file, indent=2)
 
-    write_json(mlpipeline_metrics_path, {'metrics': [
-        {'name': 'promoted', 'numberValue': int(promoted), 'format': 'RAW'},
-        {'name': 'model-version', 'numberValue': version, 'format': 'RAW'},
-    ]})
-    write_json(mlpipeline_ui_metadata_path, {'outputs': [
-        {'type': 'markdown', 'storage': 'inline', 'source': f'## Promotion\n\n{line}\n'}]})
+    try:
+        write_json(mlpipeline_metrics_path, {'metrics': [
+            {'name': 'promoted', 'numberValue': int(promoted), 'format': 'RAW'},
+            {'name': 'model-version', 'numberValue': version, 'format': 'RAW'},
+        ]})
+        write_json(mlpipeline_ui_metadata_path, {'outputs': [
+            {'type': 'markdown', 'storage': 'inline', 'source': f'## Promotion\n\n{line}\n'}]})
+    except KeyboardInterrupt:
+        if promoted:
+            print(f'promote: interrupted; version {version} was promoted: it is {version_dir}', file=sys.stderr,
+                  flush=True)
+        raise
     return collections.namedtuple('PromoteOutputs', ['promoted', 'model_version', 'decision'])(
         promoted, version, line)
 
 
+def nested_function(outer, name):
+    """The function `name` defined inside the function `outer`, as a module-level function. It must use nothing of
+    outer's (no closure), which its own imports make true."""
+    (code,) = [constant for constant in outer.__code__.co_consts if getattr(constant, 'co_name', None) == name]
+    assert not code.co_freevars, f'{name} uses variables of {outer.__name__}: {code.co_freevars}'
+    return types.FunctionType(code, globals(), name)
+
+
+# The one definition of a serving folder's versions, lock and staging folders, shared by promote(), retire() and the
+# model servers (serving_versions.list_versions).
+serving_folder = nested_function(promote, 'serving_folder')
+
+
 def retire(serving_dir, version):
     """Take a version out of service: rename <serving_dir>/<version> to the hidden .retired-<version>-<UTC time>
-    (kept for inspection; servers ignore names that are not integers), so the next largest version is served again.
-    Returns (the new name, the version served now). ValueError if the version is not there or is the last one."""
-    versions = sorted(int(name) for name in (os.listdir(serving_dir) if os.path.isdir(serving_dir) else [])
-                      if re.fullmatch(r'[0-9]+', name))
-    if version not in versions:
-        listed = ', '.join(map(str, versions)) or 'none'
-        raise ValueError(f'{os.path.join(serving_dir, str(version))} does not exist (versions there: {listed})')
-    if len(versions) == 1:
-        raise ValueError(f'version {version} is the last one in {serving_dir}: retiring it would leave nothing to '
-                         f'serve (export a better one first)')
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
-    hidden_name = f'.retired-{version}-{stamp}'
-    os.rename(os.path.join(serving_dir, str(version)), os.path.join(serving_dir, hidden_name))
-    return hidden_name, max(number for number in versions if number != version)
+    (kept for inspection; servers ignore names that are not integers), under the promotion lock, so that the next
+    largest loadable version is served again. Returns (the new name, the version a server serves now, whether the
+    retired one was the served one). ValueError if the folder is not there or is the last loadable version."""
+    folder = serving_folder(serving_dir)
+    path = os.path.join(serving_dir, str(version))
+    still_held, release = folder.lock(wait_seconds=60.0)
+    try:
+        versions = folder.versions()
+        if not os.path.isdir(path) or not str(version).isdigit():
+            listed = ', '.join(map(str, versions)) or 'none'
+            raise ValueError(f'{path} does not exist (versions there: {listed})')
+        remaining = [number for number in versions if number != version]
+        if version in versions and not remaining:
+            raise ValueError(f'version {version} is the last one in {serving_dir}: retiring it would leave nothing '
+                             f'to serve (export a better one first)')
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+        hidden_name = f'.retired-{version}-{stamp}'
+        os.rename(path, os.path.join(serving_dir, hidden_name))
+    finally:
+        release()
+    return hidden_name, max(remaining, default=None), bool(versions) and version == versions[-1]
