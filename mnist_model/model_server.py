@@ -85,6 +85,8 @@ class ServerSettings(typing.NamedTuple):
     access_log: bool = False
     metrics_path: typing.Optional[str] = None           # None: no Prometheus metrics
     batching: typing.Optional[object] = None            # serving_config.BatchingParameters, or None: no batching
+    max_load_retries: int = 5
+    load_retry_seconds: float = 60.0
 
 
 def gunzip(data, limit):
@@ -432,7 +434,9 @@ def serve(settings):
         metrics = Metrics()
     # With polling off nothing can be retired while the server runs, so a standby would only cost memory.
     repository = ModelRepository(settings.model_base_path, settings.model_name,
-                                 keep_standby=settings.poll_wait_seconds > 0, metrics=metrics)
+                                 keep_standby=settings.poll_wait_seconds > 0, metrics=metrics,
+                                 max_load_retries=settings.max_load_retries,
+                                 load_retry_seconds=settings.load_retry_seconds)
     if metrics is not None:
         metrics.watch_versions(repository)
     runner = DirectRunner(metrics, settings.model_name) if settings.batching is None \
@@ -448,7 +452,11 @@ def serve(settings):
         server.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), '')
     import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
     repository.refresh(load_standby=False)
-    if not list_versions(settings.model_base_path):
+    try:
+        found = list_versions(settings.model_base_path)
+    except OSError:
+        found = None  # refresh() has logged why the folder cannot be listed; the poll keeps trying.
+    if found == []:
         log_line(f'No versions of servable {settings.model_name} found under base path {settings.model_base_path}. '
                  f"Did you forget to name your leaf directory as a number (eg. '/1/')? Export one with "
                  f'`python3 mnist_model/mnist.py`; until then status and predict requests answer 404.')
@@ -559,6 +567,12 @@ def positive_int(text):
     return int(text)
 
 
+def non_negative_int(text):
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+    return int(text)
+
+
 def boolean(text):
     """TF Serving's boolean flags: --flag, --flag=true or --flag=false."""
     if text.lower() in ('true', '1'):
@@ -579,7 +593,7 @@ def read_settings(args):
     metrics_path = read_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
                           args.file_system_poll_wait_seconds, args.max_request_bytes, args.access_log, metrics_path,
-                          batching)
+                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6)
 
 
 def main(argv=None):
@@ -598,6 +612,12 @@ def main(argv=None):
     parser.add_argument('--file_system_poll_wait_seconds', type=non_negative_float, default=1.0,
                         help='seconds between looks for a new or removed version; 0 loads once at start and keeps '
                              'no standby (default: 1)')
+    parser.add_argument('--max_num_load_retries', type=non_negative_int, default=5,
+                        help='times a version that failed to load is tried again, --load_retry_interval_micros '
+                             'apart; it is also tried again when its files change (default: 5)')
+    parser.add_argument('--load_retry_interval_micros', type=non_negative_int, default=60_000_000,
+                        help='microseconds between the retries of a version that failed to load (default: 60000000 '
+                             '= 1 minute)')
     parser.add_argument('--max_request_bytes', type=positive_int, default=16 * 1024 * 1024,
                         help='largest request body accepted, in bytes, also after gzip decompression; larger ones '
                              'get HTTP 413 (default: 16777216 = 16 MiB)')

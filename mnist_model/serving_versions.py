@@ -1,13 +1,18 @@
 """The model versions a model server holds: load SavedModel folders, serve the newest, keep the one before it warm.
 
-`<base_path>/<integer version>/` folders holding a `saved_model.pb` are versions; every other name is ignored
-(`.tmp-*` exports being written, `.retired-*` versions taken out of service, `data/`, ...). `ModelRepository`
+`<base_path>/<integer version>/` folders holding a `saved_model.pb` are versions, by the one definition that
+promotion shares (promote.serving_folder: names of ASCII digits only); every other name is ignored (`.tmp-*` exports
+being written, `.retired-*` versions taken out of service, `data/`, `²/`, ...). `ModelRepository`
 serves the largest version and keeps the second largest loaded as a warm standby, as TF Serving does with
 `model_version_policy { latest { num_versions: 2 } }`: both answer requests that name their version, requests that
 name none go to the largest. When the served version's folder disappears (a bad version retired by renaming it), the
 standby takes over at once and the next older version is loaded as the new standby; when a newer version appears,
 it is loaded and warmed up completely before it replaces the served one, which becomes the standby. Requests in
-flight finish on the version they started with, so none fails during a switch.
+flight finish on the version they started with, so none fails during a switch. A poll never stops the polling: an
+error is one log line and the next poll runs. A version that fails to load is tried again up to max_load_retries
+times, load_retry_seconds apart (TF Serving's --max_num_load_retries and --load_retry_interval_micros), and at once
+when the files inside it change and then stay unchanged for one poll (a copy by hand that was still in progress:
+writing into files does not change the folder's modification time).
 
 Example (the server's poll loop):
     repository = ModelRepository('mnist_model', 'mnist', keep_standby=True)
@@ -20,6 +25,7 @@ import threading
 import time
 import typing
 
+from promote import serving_folder
 from serving_log import log_line
 
 
@@ -66,16 +72,9 @@ def describe_input(spec):
 
 
 def list_versions(base_path):
-    """Return the sorted integer versions under base_path that hold a saved_model.pb; other folders are ignored."""
-    try:
-        names = os.listdir(base_path)
-    except OSError:
-        return []
-    versions = []
-    for name in names:
-        if name.isdigit() and os.path.isfile(os.path.join(base_path, name, 'saved_model.pb')):
-            versions.append(int(name))
-    return sorted(versions)
+    """The sorted versions under base_path that a server loads (promote.serving_folder's definition, which the
+    promotion rule uses for the served version too); raises OSError if base_path exists but cannot be listed."""
+    return serving_folder(base_path).versions()
 
 
 def read_signature_defs(saved_model_dir):
@@ -125,14 +124,28 @@ def warm_up(served):
 
 
 def folder_stamp(path):
-    """Modification times of a version folder and its variables/ folder, which change while files are copied in."""
+    """The size and modification time of every file and folder in a version folder: it changes when a file is
+    rewritten in place, which leaves the folders' own times as they were."""
     stamps = []
-    for folder in (path, os.path.join(path, 'variables')):
-        try:
-            stamps.append(os.stat(folder).st_mtime_ns)
-        except OSError:
-            stamps.append(None)
+    for root, folders, files in os.walk(path):
+        folders.sort()
+        for name in ['.', *sorted(files)]:
+            try:
+                status = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            stamps.append((os.path.relpath(os.path.join(root, name), path), status.st_size, status.st_mtime_ns))
     return tuple(stamps)
+
+
+class LoadFailure:
+    """A version that failed to load: when to try it again, and the folder's stamp at the last try."""
+
+    def __init__(self, stamp, retry_at):
+        self.stamp = stamp
+        self.attempts = 1
+        self.retry_at = retry_at      # time.monotonic() of the next timed retry, or None: no more timed retries
+        self.seen = stamp             # the stamp at the last poll, to tell a finished change from one in progress
 
 
 class ModelRepository:
@@ -143,18 +156,21 @@ class ModelRepository:
     poll thread; at start, the main thread before it), so the state changes in one place.
     """
 
-    def __init__(self, base_path, model_name, keep_standby=True, metrics=None):
+    def __init__(self, base_path, model_name, keep_standby=True, metrics=None, max_load_retries=5,
+                 load_retry_seconds=60.0):
         self.base_path = base_path
         self.model_name = model_name
         self.keep_standby = keep_standby
         self.metrics = metrics
+        self.max_load_retries = max_load_retries
+        self.load_retry_seconds = load_retry_seconds
         self.loaded = (None, None)
         # The version being read from disk right now (state LOADING), and versions that were loaded and then let go
         # (state END), as TF Serving reports them.
         self.loading = None
         self.ended = []
-        # Versions that failed to load, with the folder's modification stamp then: retried once the folder changes
-        # (a copy by hand that was still in progress), not on every poll.
+        # Versions that failed to load (version -> LoadFailure): retried on a timer and when their files change,
+        # not on every poll.
         self.failed = {}
         self.stop_event = threading.Event()
 
@@ -167,9 +183,36 @@ class ModelRepository:
             return standby
         return None
 
+    def due(self, version):
+        """Whether a version may be loaded now: it never failed, or its retry time came, or its files changed since
+        the last failure and then stayed as they are for one poll."""
+        failure = self.failed.get(version)
+        if failure is None:
+            return True
+        if failure.retry_at is not None and time.monotonic() >= failure.retry_at:
+            return True
+        stamp = folder_stamp(os.path.join(self.base_path, str(version)))
+        settled, failure.seen = stamp == failure.seen, stamp
+        if stamp != failure.stamp and settled:
+            # New files are a new export: it gets the whole number of retries again.
+            failure.attempts = 0
+            return True
+        return False
+
     def refresh(self, load_standby=True):
-        """Look at the folder once and bring the loaded versions in line with it."""
+        """Look at the folder once and bring the loaded versions in line with it. Never raises: an error is logged
+        in one line and the versions loaded stay as they are."""
+        try:
+            self.refresh_once(load_standby)
+        except Exception as error:  # The poll must go on; the next one sees the folder afresh.
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            log_line(f'error: cannot look at {self.base_path} for versions of model {self.model_name}: '
+                     f'{type(error).__name__}: {first_line}; the loaded versions stay in service')
+
+    def refresh_once(self, load_standby):
         on_disk = list_versions(self.base_path)
+        # Failures of versions no longer there are forgotten: a folder that comes back is a new export.
+        self.failed = {version: failure for version, failure in self.failed.items() if version in on_disk}
         served, standby = self.loaded
         if standby is not None and standby.version not in on_disk:
             self.set_loaded(served, None, ended=[standby])
@@ -181,8 +224,9 @@ class ModelRepository:
             log_line(f'Version {served.version} of model {self.model_name} left {self.base_path}: serving version '
                      f'{standby.version}, which was loaded as the standby')
             served, standby = standby, None
-        candidates = [version for version in on_disk
-                      if self.failed.get(version) != folder_stamp(os.path.join(self.base_path, str(version)))]
+        # Asked once per poll: whether a failed version's files have settled is told by comparing polls.
+        due = {version for version in on_disk if self.due(version)}
+        candidates = [version for version in on_disk if version in due]
         if candidates and (served is None or served.version not in on_disk or candidates[-1] > served.version):
             # A newer version, or the served one was retired with no standby: read the newest from disk.
             newest = self.load(candidates[-1])
@@ -193,15 +237,14 @@ class ModelRepository:
                                    else 'version_removed')
                 log_line(f'Serving version {newest.version} of model {self.model_name} from {newest.path}')
         if self.keep_standby and load_standby:
-            self.refresh_standby(on_disk)
+            self.refresh_standby(on_disk, due)
 
-    def refresh_standby(self, on_disk):
+    def refresh_standby(self, on_disk, due):
         """Keep the largest loadable version below the served one loaded, and nothing else."""
         served, standby = self.loaded
         if served is None:
             return
-        below = [version for version in on_disk if version < served.version
-                 and self.failed.get(version) != folder_stamp(os.path.join(self.base_path, str(version)))]
+        below = [version for version in on_disk if version < served.version and version in due]
         wanted = below[-1] if below else None
         if standby is not None and standby.version == wanted:
             return
@@ -219,9 +262,10 @@ class ModelRepository:
             served = load_version(self.base_path, version)
         except Exception as error:  # A broken export must not stop the server; it keeps serving what it has.
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            log_line(f'Failed to load version {version} of model {self.model_name}: {first_line}')
-            self.failed[version] = folder_stamp(path)
+            self.record_failure(version, first_line)
             served = None
+        else:
+            self.failed.pop(version, None)
         finally:
             self.loading = None
         seconds = time.perf_counter() - started
@@ -230,6 +274,26 @@ class ModelRepository:
         if served is not None:
             log_line(f'Loaded version {version} of model {self.model_name} in {seconds:.2f} s')
         return served
+
+    def record_failure(self, version, message):
+        """Remember a failed load and log it in one line with what happens next."""
+        path = os.path.join(self.base_path, str(version))
+        failure = self.failed.get(version)
+        stamp = folder_stamp(path)
+        if failure is None:
+            failure = self.failed[version] = LoadFailure(stamp, None)
+        else:
+            failure.attempts += 1
+            failure.stamp = failure.seen = stamp
+        # attempts counts the tries since the files last changed; the first is not a retry.
+        retries_left = self.max_load_retries - (failure.attempts - 1)
+        if retries_left > 0:
+            failure.retry_at = time.monotonic() + self.load_retry_seconds
+            next_step = f'retry {failure.attempts} of {self.max_load_retries} in {self.load_retry_seconds:g} s'
+        else:
+            failure.retry_at = None
+            next_step = 'no more retries until its files change'
+        log_line(f'Failed to load version {version} of model {self.model_name}: {message} ({next_step})')
 
     def set_loaded(self, served, standby, ended):
         """Replace the (served, standby) pair; the versions in `ended` that are not kept are reported as END."""
