@@ -247,11 +247,15 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
 
     def no_room(error):
         """One line for a failed write into serving_dir: the folder, the cause and that nothing was added."""
-        if isinstance(error, shutil.Error):  # copytree gathers (source, destination, reason) for every file.
-            error = error.args[0][0][2] if error.args and error.args[0] and len(error.args[0][0]) == 3 else error
-        cause = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        where = f' ({error.filename})' if isinstance(error, OSError) and error.filename else ''
-        return OSError(f'cannot promote into {serving_dir}: {cause}{where}; nothing was added to it')
+        cause, where = str(error), ''
+        if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
+            # copytree gathers a (source, destination, "[Errno N] reason: 'source' -> 'destination'") per file.
+            _, where, reason = error.args[0][0]
+            cause = reason.split('] ', 1)[-1].split(': ', 1)[0]
+        elif isinstance(error, OSError) and error.strerror:
+            cause, where = error.strerror, error.filename or ''
+        return OSError(f'cannot promote into {serving_dir}: {cause}' + (f' ({where})' if where else '')
+                       + '; nothing was added to it')
 
     warned = set()
 
