@@ -793,10 +793,10 @@ def main(argv=None):
             print(f'mnist.py: error: {error}', file=sys.stderr)
             return 1
         # The version named is the one servers load now: the largest loadable one left.
-        now = ('is served again (servers switch within their poll interval)' if was_served
-               else 'stays in service')
-        print(f'Retired version {args.retire}: renamed to {os.path.join(args.export_dir, hidden_name)}; version '
-              f'{served} {now}.')
+        now = ('no loadable version is left to serve' if served is None
+               else f'version {served} is served again (servers switch within their poll interval)' if was_served
+               else f'version {served} stays in service')
+        print(f'Retired version {args.retire}: renamed to {os.path.join(args.export_dir, hidden_name)}; {now}.')
         return 0
 
     if not args.export_dir and promotion_rule_from(args) != PROMOTION_DEFAULTS:

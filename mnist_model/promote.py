@@ -194,6 +194,12 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
                     continue
                 try:
                     write_record(os.path.join(lock_dir, 'owner.json'), mine)
+                    folder_owner = os.stat(path)
+                    if os.geteuid() == 0 and folder_owner.st_uid != 0:
+                        # Taken by a pipeline step (root), it must stay removable by the notebook user owning the
+                        # folder if the step is killed while holding it.
+                        for name in (lock_dir, os.path.join(lock_dir, 'owner.json')):
+                            os.chown(name, folder_owner.st_uid, folder_owner.st_gid)
                 except BaseException:
                     shutil.rmtree(lock_dir, ignore_errors=True)
                     raise

@@ -105,7 +105,8 @@ try:
     refused = False
 except tf.errors.InvalidArgumentError:
     refused = True
-print(json.dumps({'refused': refused, 'seconds': time.perf_counter() - started, 'growth_mb': (peak_kb() - before) / 1024}))
+print(json.dumps({'refused': refused, 'seconds': time.perf_counter() - started,
+                  'growth_mb': (peak_kb() - before) / 1024}))
 '''
 
 

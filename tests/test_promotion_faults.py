@@ -232,5 +232,6 @@ def test_ctrl_c_in_mnist_py_says_the_version_was_promoted(serving_dir, small_dat
                          env={'PYTHONPATH': FAULTS, 'PROMOTE_FAULT': 'interrupt_after_rename'})
     assert process.returncode == 130 and 'Traceback' not in process.stderr
     assert process.stderr.strip().splitlines()[-2:] == [
-        f'promote: interrupted; version 2 was promoted: it is {os.path.join(serving_dir, "2")}', 'mnist.py: interrupted']
+        f'promote: interrupted; version 2 was promoted: it is {os.path.join(serving_dir, "2")}',
+        'mnist.py: interrupted']
     assert hidden_and_visible(serving_dir) == ([], ['1', '2'])
