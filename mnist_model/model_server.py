@@ -20,9 +20,12 @@ Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked 
 Concurrent predicts are merged into one signature call (serving_batching.py; on by default, unlike TF Serving:
 --enable_batching=false turns it off). Per-request log lines are opt-in (--access_log), and stderr can never block
 a request, even when nobody reads it (serving_log.py).
-Errors are {"error": "..."} with HTTP 400 (bad JSON, body, path or version label), 404 (unknown model or version),
-405 (wrong method), 411 (no length), 413 (body over --max_request_bytes, also once decompressed; answered at once),
-415 (other compression), 501 (other transfer coding) or 503 (batch queue full). docs/serving.md has the details.
+Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label), 404 (unknown model or
+version), 405 (wrong method), 408 (head or body too slow), 411 (no length), 413 (body over --max_request_bytes, also
+once decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or
+503 (batch queue full, or --max_connections reached). The HTTP layer is uvicorn with httptools, with the limits of
+serving_http.py; SIGTERM and Ctrl-C let requests in flight finish (--shutdown_grace_seconds), then exit 0.
+docs/serving.md has the details.
 
 Example:
     python3 mnist_model/model_server.py --rest_api_port=8501 --model_name=mnist
