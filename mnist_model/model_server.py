@@ -20,9 +20,12 @@ Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked 
 Concurrent predicts are merged into one signature call (serving_batching.py; on by default, unlike TF Serving:
 --enable_batching=false turns it off). Per-request log lines are opt-in (--access_log), and stderr can never block
 a request, even when nobody reads it (serving_log.py).
-Errors are {"error": "..."} with HTTP 400 (bad JSON, body, path or version label), 404 (unknown model or version),
-405 (wrong method), 411 (no length), 413 (body over --max_request_bytes, also once decompressed; answered at once),
-415 (other compression), 501 (other transfer coding) or 503 (batch queue full). docs/serving.md has the details.
+Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label), 404 (unknown model or
+version), 405 (wrong method), 408 (head or body too slow), 411 (no length), 413 (body over --max_request_bytes, also
+once decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or
+503 (batch queue full, or --max_connections reached). The HTTP layer is uvicorn with httptools, with the limits of
+serving_http.py; SIGTERM and Ctrl-C let requests in flight finish (--shutdown_grace_seconds), then exit 0.
+docs/serving.md has the details.
 
 Example:
     python3 mnist_model/model_server.py --rest_api_port=8501 --model_name=mnist
@@ -30,12 +33,12 @@ Example:
 """
 
 import argparse
-import email.utils
-import http.server
+import asyncio
+import concurrent.futures
+import errno
 import json
 import os
 import re
-import signal
 import socket
 import sys
 import threading
@@ -47,6 +50,7 @@ import zlib
 
 from serving_batching import Batcher, DirectRunner
 from serving_config import BatchingParameters, ConfigError, read_batching_parameters, read_monitoring_config
+from serving_http import TRUNCATED, HttpLimits, listen, printable, serve_app
 from serving_json import RequestError, encode_predict_reply, parse_json, read_predict_request
 from serving_log import StderrPump, log_line
 from serving_versions import ModelRepository, list_versions
@@ -56,22 +60,21 @@ DEFAULT_MODEL_BASE_PATH = os.path.dirname(os.path.abspath(__file__))
 # allows its own inline script and style, data: images, and requests to this server only.
 DRAW_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'draw.html')
 DRAW_PAGE_PATHS = ('/', '/draw')
-DRAW_PAGE_HEADERS = ("Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; "
-                     "style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'\r\n"
-                     'Cache-Control: no-cache\r\n')
-# A client that stops sending in the middle of a request gets its connection closed after this long, so a slow or
-# broken client never holds a server thread for ever.
-CLIENT_TIMEOUT_SECONDS = 30
-# After refusing an oversized body, what the client still sends is read and dropped for at most this long (and until
-# it pauses for LINGER_IDLE_SECONDS), so that closing does not reset the connection before it has read the 413.
-LINGER_SECONDS = 5
-LINGER_IDLE_SECONDS = 1
-MAX_TRAILER_LINES = 100
+DRAW_PAGE_HEADERS = [(b'content-security-policy', b"default-src 'none'; script-src 'unsafe-inline'; "
+                      b"style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"),
+                     (b'cache-control', b'no-cache')]
+# Threads that answer requests (a predict waits in one for its batch); more requests in flight wait for a free one.
+REQUEST_THREADS = 64
+# A gzip body is read in pieces this large, so that each member's leftover input (which zlib copies) stays small
+# and many small members cost time in proportion to their bytes; and it may hold at most this many members.
+GZIP_PIECE_BYTES = 4096
+MAX_GZIP_MEMBERS = 1000
+# Requests for a model name this server does not serve are counted under this model_name label value.
+UNKNOWN_MODEL_LABEL = '<unknown>'
 URL_PATTERN = re.compile(
     r'^/v1/models/(?P<name>[^/:]+)'
     r'(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?'
     r'(?P<suffix>/metadata|:[a-z]+)?$')
-CHUNK_SIZE_PATTERN = re.compile(rb'[0-9a-fA-F]{1,15}')
 
 
 class ServerSettings(typing.NamedTuple):
@@ -87,27 +90,41 @@ class ServerSettings(typing.NamedTuple):
     batching: typing.Optional[object] = None            # serving_config.BatchingParameters, or None: no batching
     max_load_retries: int = 5
     load_retry_seconds: float = 60.0
+    limits: HttpLimits = HttpLimits()                   # connections, timeouts and the shutdown grace
 
 
 def gunzip(data, limit):
     """Decompress a gzip body (one or more members) into at most `limit` bytes, or raise RequestError. Decompressing
     stops at the limit, so a small body that would inflate to gigabytes (a decompression bomb) costs no more than a
-    body at the limit."""
-    parts, size = [], 0
-    while data:
-        decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    body at the limit; the input is fed in GZIP_PIECE_BYTES pieces, so the time grows with the body's size alone,
+    however many members it holds (at most MAX_GZIP_MEMBERS)."""
+    view = memoryview(data)
+    parts, size, position, members = [], 0, 0, 0
+    decompressor, pending = None, b''
+    while pending or position < len(view):
+        if not pending:
+            pending = view[position:position + GZIP_PIECE_BYTES]
+            position += len(pending)
+        if decompressor is None:
+            members += 1
+            if members > MAX_GZIP_MEMBERS:
+                raise RequestError(400, f'the gzip request body has more than {MAX_GZIP_MEMBERS} members')
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            part = decompressor.decompress(data, limit + 1 - size)
+            part = decompressor.decompress(pending, limit + 1 - size)
         except zlib.error as error:
             raise RequestError(400, f'the gzip request body cannot be decompressed: {error}') from None
         size += len(part)
         if size > limit:
             raise RequestError(413, f'the gzip request body decompresses to more than the limit of {limit} bytes '
                                     '(--max_request_bytes)')
-        if not decompressor.eof:
-            raise RequestError(400, 'the gzip request body is truncated')
         parts.append(part)
-        data = decompressor.unused_data
+        if decompressor.eof:
+            pending, decompressor = decompressor.unused_data, None
+        else:
+            pending = b''
+    if decompressor is not None:
+        raise RequestError(400, 'the gzip request body is truncated')
     return b''.join(parts)
 
 
@@ -161,7 +178,8 @@ def parse_path(path):
         raise RequestError(400, f'Unrecognized servable version label: {match["label"][:100]}')
     version = match['version']
     if version is not None:
-        if not version.isdigit() or len(version) > 18:
+        # ASCII digits only: str.isdigit() also accepts digits such as "\u00b2" that int() refuses.
+        if not (version.isascii() and version.isdigit()) or len(version) > 18:
             raise RequestError(400, f'Malformed request: version must be an integer, got "{version[:100]}"')
         version = int(version)
     suffix = match['suffix'] or ''
@@ -180,190 +198,169 @@ def check_model_name(name, suffix, version, model_name):
         raise RequestError(404, f'Servable not found for request: {request}')
 
 
-class RequestHandler(http.server.BaseHTTPRequestHandler):
-    """TF Serving's REST API on top of http.server; the server object carries the repository and settings."""
+class Exchange:
+    """One request's reply and the labels it is counted under, filled in by RestApp.answer."""
 
-    protocol_version = 'HTTP/1.1'  # keep-alive, as clients that send many requests expect
-    # Headers and body leave in one write, but Nagle's algorithm would still hold back a reply's last segment.
-    disable_nagle_algorithm = True
-    timeout = CLIENT_TIMEOUT_SECONDS
-    server_version = 'mnist-model-server'
+    __slots__ = ('status', 'payload', 'content_type', 'headers', 'close', 'counted', 'model_label', 'api',
+                 'signature_name')
 
-    def handle_one_request(self):
-        self.started = time.perf_counter()
-        self.reply_status = 0
-        self.reply_bytes = 0
-        self.linger = False
+    def __init__(self):
+        self.status = 200
+        self.payload = b''
+        self.content_type = 'application/json'
+        self.headers = []
+        self.close = False
         # Labels of the request in the metrics: TF Serving's model_name and API, and the predict signature.
-        self.model_name = self.api = self.signature_name = ''
         self.counted = False
-        try:
-            super().handle_one_request()
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
-        if self.linger:
-            self.linger_and_close()
-        if self.reply_status:
-            self.record()
+        self.model_label = UNKNOWN_MODEL_LABEL
+        self.api = self.signature_name = ''
 
-    def record(self):
-        """The request's access log line (with --access_log) and metrics (with --monitoring_config_file)."""
-        seconds = time.perf_counter() - self.started
-        if self.server.settings.access_log:
-            log_line(f'{self.client_address[0]} "{self.requestline[:200]}" {self.reply_status} '
-                     f'{self.reply_bytes} {seconds * 1000:.1f}ms')
-        metrics = self.server.metrics
-        if metrics is not None and self.counted:
-            metrics.record_request(self.model_name, self.api, self.reply_status, seconds)
-            if self.api == 'predict':
-                metrics.record_predict(self.model_name, self.signature_name, self.reply_status)
-
-    def send_reply(self, status, payload, content_type='application/json', extra_headers=''):
-        """Send status line, headers and body in one write (http.server would take two, and more time)."""
-        self.reply_status = status
-        self.reply_bytes = len(payload)
-        if self.request_version == 'HTTP/0.9':  # http.server's answer to a request line it cannot parse: no head
-            self.wfile.write(payload)
-            return
-        if self.close_connection:
-            extra_headers += 'Connection: close\r\n'
-        head = (f'{self.protocol_version} {status} {self.responses.get(status, ("",))[0]}\r\n'
-                f'Server: {self.server_version}\r\nDate: {self.server.http_date()}\r\n'
-                f'Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n{extra_headers}\r\n')
-        self.wfile.write(head.encode('latin-1') + (payload if self.command != 'HEAD' else b''))
-
-    def send_json(self, status, body):
-        extra = ''
-        if status == 405:
-            extra = f'Allow: {"POST" if ":" in self.path.rsplit("/", 1)[-1] else "GET"}\r\n'
+    def fail(self, status, message, allow=None):
         # The json module's layout, as before orjson answered predicts: clients may print these bodies as they are.
-        self.send_reply(status, json.dumps(body).encode('utf-8'), extra_headers=extra)
+        self.status, self.payload = status, json.dumps({'error': message}).encode('utf-8')
+        self.content_type = 'application/json'
+        self.headers = [(b'allow', allow.encode())] if allow else []
 
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (bad request line, oversized headers, ...) as JSON too."""
-        self.close_connection = True
-        self.send_json(code, {'error': message or self.responses.get(code, ('Error',))[0]})
 
-    def log_request(self, code='-', size='-'):
-        """Silence http.server's own line: record() writes the access line with the status and duration."""
+class RequestHead(typing.NamedTuple):
+    """The request headers the server reads. The HTTP layer has already refused duplicate or non-numeric
+    Content-Length headers and a Content-Length beside a Transfer-Encoding."""
+    content_length: typing.Optional[bytes]
+    transfer_encoding: typing.Optional[bytes]
+    content_encoding: bytes
 
-    def log_message(self, format, *args):  # noqa: A002 - the name is http.server's
-        log_line(f'{self.client_address[0]} {format % args}')
 
-    def handle_expect_100(self):
-        """A client that asks before sending an oversized body gets the 413 at once instead of '100 Continue'."""
-        length = self.headers.get('Content-Length', '').strip()
-        if length.isdigit() and int(length) > self.server.settings.max_request_bytes:
-            return True
-        return super().handle_expect_100()
+def read_head(headers):
+    content_length = transfer_encoding = None
+    content_encoding = b''
+    for name, value in headers:
+        if name == b'content-length':
+            content_length = value
+        elif name == b'transfer-encoding':
+            transfer_encoding = value if transfer_encoding is None else transfer_encoding + b', ' + value
+        elif name == b'content-encoding':
+            content_encoding = value
+    return RequestHead(content_length, transfer_encoding, content_encoding)
 
-    def read_body(self):
-        """Read the request body, unchunked and decompressed, within --max_request_bytes; or raise RequestError."""
-        limit = self.server.settings.max_request_bytes
-        transfer_encoding = self.headers.get('Transfer-Encoding')
-        if transfer_encoding is not None:
-            self.close_connection = True  # RFC 9112: after a Transfer-Encoding body the connection is not reused.
-            codings = [coding.strip().lower() for coding in transfer_encoding.split(',') if coding.strip()]
-            if codings != ['chunked']:
-                raise RequestError(501, f'Transfer-Encoding "{transfer_encoding[:100]}" is not supported: send '
-                                        'the body chunked or with a Content-Length')
-            raw = self.read_chunked(limit)
+
+class ClientGone(Exception):
+    """The client went away or timed out while its body was read: there is nobody to answer."""
+
+
+class RestApp:
+    """TF Serving's REST API as an ASGI application. The body is read in the event loop; everything else (gunzip,
+    JSON, the signature call, the reply's JSON) runs in a thread of `pool`, so a slow request never holds up the
+    others, and concurrent predicts can meet in one batch."""
+
+    def __init__(self, settings, repository, runner, metrics, pool):
+        self.settings = settings
+        self.repository = repository
+        self.runner = runner
+        self.metrics = metrics
+        self.pool = pool
+        # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
+        # GET.
+        self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return
+        started = time.perf_counter()
+        method = scope['method']
+        query = scope['query_string']
+        # llhttp lets only visible ASCII through in the target, so this decoding cannot fail.
+        path = scope['raw_path'].decode('ascii') + ('?' + query.decode('ascii') if query else '')
+        head = read_head(scope['headers'])
+        exchange = Exchange()
+        self.label(exchange, method, path)
+        try:
+            body = await self.read_body(scope, receive, method, head, exchange)
+        except RequestError as error:
+            exchange.close = True
+            exchange.fail(error.status, error.message)
+        except ClientGone:
+            return
         else:
-            length_text = self.headers.get('Content-Length')
-            if length_text is None:
-                self.close_connection = True
-                raise RequestError(411, 'a POST request needs a Content-Length header or a chunked body')
-            if not length_text.strip().isdigit():
-                self.close_connection = True
-                raise RequestError(400, 'invalid Content-Length header')
-            length = int(length_text)
-            if length > limit:
-                self.refuse_oversized(f'request body of {length} bytes is over the limit of {limit} bytes '
-                                      '(--max_request_bytes)')
-            raw = self.rfile.read(length)
-            if len(raw) != length:
-                self.close_connection = True
-                raise RequestError(400, 'the request body is shorter than its Content-Length')
-        encoding = self.headers.get('Content-Encoding', '').strip().lower()
-        if encoding in ('', 'identity'):
-            return raw
-        if encoding in ('gzip', 'x-gzip'):
-            return gunzip(raw, limit)
-        raise RequestError(415, f'Content-Encoding "{encoding[:100]}" is not supported: send gzip or no encoding')
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.answer, exchange, method, path,
+                                                             body, head)
+        headers = [(b'content-type', exchange.content_type.encode()),
+                   (b'content-length', str(len(exchange.payload)).encode()), *exchange.headers]
+        if exchange.close:
+            headers.append((b'connection', b'close'))
+        await send({'type': 'http.response.start', 'status': exchange.status, 'headers': headers})
+        await send({'type': 'http.response.body', 'body': exchange.payload})
+        self.record(scope, method, path, exchange, time.perf_counter() - started)
 
-    def read_chunked(self, limit):
-        """Read a Transfer-Encoding: chunked body of at most `limit` bytes, and its trailer lines."""
+    async def read_body(self, scope, receive, method, head, exchange):
+        """The request body as sent (unchunked, not yet decompressed), within --max_request_bytes; b'' for a
+        request without one. Raises RequestError, or ClientGone."""
+        limit = self.settings.max_request_bytes
+        if head.transfer_encoding is not None:
+            codings = [coding.strip().lower() for coding in head.transfer_encoding.split(b',') if coding.strip()]
+            if codings != [b'chunked']:
+                coding_text = printable(head.transfer_encoding.decode('latin-1'), 100)
+                raise RequestError(501, f'Transfer-Encoding "{coding_text}" is not supported: send the body chunked '
+                                        'or with a Content-Length')
+            length = None
+        elif head.content_length is None:
+            if method == 'POST':
+                raise RequestError(411, 'a POST request needs a Content-Length header or a chunked body')
+            return b''
+        else:
+            length = int(head.content_length)
+            if length == 0:
+                return b''
+            if length > limit:
+                # Answered before any of the body is read: a client that sent Expect: 100-continue never gets
+                # "100 Continue", and the HTTP layer reads and drops what others already send.
+                raise RequestError(413, f'request body of {length} bytes is over the limit of {limit} bytes '
+                                        '(--max_request_bytes)')
         parts, size = [], 0
         while True:
-            line = self.rfile.readline(1024)
-            size_text = line.split(b';', 1)[0].strip()
-            if not line.endswith(b'\n') or not CHUNK_SIZE_PATTERN.fullmatch(size_text):
-                raise RequestError(400, 'malformed chunked request body: bad chunk size line')
-            chunk_size = int(size_text, 16)
-            if chunk_size == 0:
-                break
-            if size + chunk_size > limit:
-                self.refuse_oversized(f'chunked request body of more than {limit} bytes is over the limit '
-                                      '(--max_request_bytes)')
-            chunk = self.rfile.read(chunk_size)
-            if len(chunk) != chunk_size or self.rfile.readline(3) not in (b'\r\n', b'\n'):
-                raise RequestError(400, 'malformed chunked request body: a chunk is shorter than its size')
+            message = await receive()
+            if message['type'] != 'http.request':
+                raise ClientGone
+            chunk = message['body']
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(413, f'chunked request body of more than {limit} bytes is over the limit '
+                                        '(--max_request_bytes)')
             parts.append(chunk)
-            size += chunk_size
-        for _ in range(MAX_TRAILER_LINES):
-            if self.rfile.readline(65537) in (b'\r\n', b'\n', b''):
-                return b''.join(parts)
-        raise RequestError(400, 'malformed chunked request body: too many trailer lines')
+            if not message.get('more_body', False):
+                break
+        if scope.get(TRUNCATED):
+            raise RequestError(400, 'the request body is shorter than its Content-Length' if length is not None
+                               else 'malformed chunked request body: it ended before its last chunk')
+        if length is None:
+            exchange.close = True  # RFC 9112: after a Transfer-Encoding body the connection is not reused.
+        return parts[0] if len(parts) == 1 else b''.join(parts)
 
-    def refuse_oversized(self, message):
-        """Answer 413 before reading the body; handle_one_request then lingers and closes the connection."""
-        self.close_connection = True
-        self.linger = True
-        raise RequestError(413, message)
-
-    def linger_and_close(self):
-        """Send our end of the connection, then read and drop what the client still sends for a bounded time: closing
-        with unread bytes would reset the connection, and the client could lose the reply it has not read yet."""
-        self.close_connection = True
-        try:
-            self.connection.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + LINGER_SECONDS
-            while (remaining := deadline - time.monotonic()) > 0:
-                self.connection.settimeout(min(remaining, LINGER_IDLE_SECONDS))
-                if not self.connection.recv(1 << 16):
-                    break
-        except OSError:  # Reset, or the client was quiet for LINGER_IDLE_SECONDS: done either way.
-            pass
-
-    def answer(self, method):
-        """Route one request and send its reply; every failure becomes {"error": ...}."""
+    def answer(self, exchange, method, path, body, head):
+        """Route one request and fill in its reply (in a pool thread); every failure becomes {"error": ...}."""
         # Other methods on a page's path are REST API requests, answered "Malformed request" as any path outside it.
-        page = self.server.pages.get(self.path.split('?', 1)[0]) if method == 'GET' else None
+        page = self.pages.get(path.split('?', 1)[0]) if method == 'GET' else None
         try:
             if page is not None:
-                content_type, payload, headers = page()
-                self.send_reply(200, payload, content_type, headers)
+                exchange.content_type, exchange.payload, exchange.headers = page()
+            elif method not in ('GET', 'POST'):
+                exchange.close = True
+                exchange.fail(405, f'method {method} is not allowed: use GET or POST')
             else:
-                self.counted = True
-                self.send_reply(200, self.answer_api(method))
+                exchange.payload = self.answer_api(exchange, method, path, body, head)
         except RequestError as error:
-            self.send_json(error.status, {'error': error.message})
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True
+            exchange.fail(error.status, error.message,
+                          allow=('POST' if ':' in path.split('?', 1)[0].rsplit('/', 1)[-1] else 'GET')
+                          if error.status == 405 else None)
         except Exception as error:  # The server keeps answering whatever one request does.
-            log_line(f'Internal error on {self.requestline[:200]}: {type(error).__name__}: {error}')
-            self.close_connection = True
-            self.send_json(500, {'error': f'internal server error: {type(error).__name__}'})
+            log_line(f'Internal error on "{printable(method + " " + path)}": {type(error).__name__}: '
+                     f'{printable(str(error), 300)}')
+            exchange.close = True
+            exchange.fail(500, f'internal server error: {type(error).__name__}')
 
-    def answer_api(self, method):
+    def answer_api(self, exchange, method, path, body, head):
         """Answer a request to TF Serving's REST API (/v1/models/...); returns the JSON reply body."""
-        repository = self.server.repository
-        # The model name labels the request's metrics, whatever goes wrong later.
-        match = URL_PATTERN.match(self.path.split('?', 1)[0])
-        self.model_name = match['name'] if match else ''
-        # Read the body first: an error answered before it would leave its bytes on the kept-alive connection.
-        raw_body = self.read_body() if method == 'POST' else b''
-        name, suffix, version = parse_path(self.path)
+        repository = self.repository
+        name, suffix, version = parse_path(path)
         check_model_name(name, suffix, version, repository.model_name)
         if method == 'GET':
             if suffix not in ('', '/metadata'):
@@ -371,62 +368,75 @@ class RequestHandler(http.server.BaseHTTPRequestHandler):
             if suffix == '':
                 return json.dumps(model_status(repository, version)).encode('utf-8')
             return json.dumps(model_metadata(find_served(repository, version), repository.model_name)).encode('utf-8')
-        if method != 'POST':
-            raise RequestError(405, f'method {method} is not allowed here')
         if suffix in ('', '/metadata'):
             raise RequestError(405, 'use GET for model status and metadata')
-        self.api = suffix[1:]
+        exchange.api = suffix[1:]
         if suffix != ':predict':
             raise RequestError(400, f'{suffix} is not supported by this server: the SavedModel has predict '
                                     'signatures only, use :predict')
         served = find_served(repository, version)
-        request = read_predict_request(served, parse_json(raw_body))
-        self.signature_name = request.signature_name
-        outputs = self.server.runner.run(served, request.signature_name, request.arrays)
+        document = parse_json(decode_body(body, head.content_encoding, self.settings.max_request_bytes))
+        try:
+            request = read_predict_request(served, document)
+        except (ValueError, TypeError, OverflowError, RecursionError) as error:
+            # A body that no check above foresaw is still the client's error, never the server's.
+            raise RequestError(400, f'malformed predict request: {type(error).__name__}: '
+                                    f'{printable(str(error), 200)}') from None
+        exchange.signature_name = request.signature_name
+        outputs = self.runner.run(served, request.signature_name, request.arrays)
         return encode_predict_reply(outputs, request.row_format)
 
-    def do_GET(self):
-        self.answer('GET')
+    def label(self, exchange, method, path):
+        """Whether the request counts in the metrics (REST API requests do), and its model_name label."""
+        target = path.split('?', 1)[0]
+        exchange.counted = method == 'POST' or (method == 'GET' and target not in self.pages)
+        # Only the served model's name labels metrics: a label per invented name would grow the page without end.
+        match = URL_PATTERN.match(target)
+        if match is not None and match['name'] == self.repository.model_name:
+            exchange.model_label = self.repository.model_name
 
-    def do_POST(self):
-        self.answer('POST')
+    def record(self, scope, method, path, exchange, seconds):
+        """The request's access log line (with --access_log) and metrics (with --monitoring_config_file)."""
+        if self.settings.access_log:
+            client = scope['client'][0] if scope.get('client') else '-'
+            request_line = printable(f'{method} {path} HTTP/{scope["http_version"]}')
+            log_line(f'{client} "{request_line}" {exchange.status} {len(exchange.payload)} {seconds * 1000:.1f}ms')
+        metrics = self.metrics
+        if metrics is not None and exchange.counted:
+            metrics.record_request(exchange.model_label, exchange.api, exchange.status, seconds)
+            if exchange.api == 'predict':
+                metrics.record_predict(exchange.model_label, exchange.signature_name, exchange.status)
 
-    def refuse_method(self):
-        """Methods TF Serving's REST API does not use."""
-        self.close_connection = True
-        self.send_json(405, {'error': f'method {self.command} is not allowed: use GET or POST'})
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = refuse_method
+    def record_refused(self, client, status):
+        """A request the HTTP layer refused (bad syntax, timeouts, too many connections): an access line only."""
+        if self.settings.access_log:
+            log_line(f'{client[0] if client else "-"} "-" {status}')
 
 
-class ModelHTTPServer(http.server.ThreadingHTTPServer):
-    """One thread per connection; carries what the handlers share."""
-
-    daemon_threads = True
-
-    def __init__(self, settings, repository, runner, metrics):
-        super().__init__((settings.host, settings.port), RequestHandler)
-        self.settings = settings
-        self.repository = repository
-        self.runner = runner
-        self.metrics = metrics
-        # Pages outside the REST API, by path: a function returning (content type, body bytes, extra header lines)
-        # for GET.
-        self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
-        self.date_cache = (0, '')
-
-    def http_date(self):
-        """The Date header's value, formatted once per second."""
-        now = int(time.time())
-        if self.date_cache[0] != now:
-            self.date_cache = (now, email.utils.formatdate(now, usegmt=True))
-        return self.date_cache[1]
+def decode_body(body, content_encoding, limit):
+    """The body decompressed as its Content-Encoding says, or raise RequestError."""
+    encoding = content_encoding.strip().lower()
+    if encoding in (b'', b'identity'):
+        return body
+    if encoding in (b'gzip', b'x-gzip'):
+        return gunzip(body, limit)
+    raise RequestError(415, f'Content-Encoding "{printable(encoding.decode("latin-1"), 100)}" is not supported: '
+                            'send gzip or no encoding')
 
 
 def serve(settings):
     """Load the newest version, serve until SIGINT/SIGTERM, and shut down cleanly. Returns the exit code."""
     if not os.path.isdir(settings.model_base_path):
         log_line(f'error: model base path {settings.model_base_path} is not a folder')
+        return 1
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            log_line(f'error: port {settings.port} is in use on {settings.host}: stop the other server or pass '
+                     '--rest_api_port=N (0 picks a free port)')
+        else:
+            log_line(f'error: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}')
         return 1
     metrics = None
     if settings.metrics_path is not None:
@@ -441,15 +451,11 @@ def serve(settings):
         metrics.watch_versions(repository)
     runner = DirectRunner(metrics, settings.model_name) if settings.batching is None \
         else Batcher(settings.batching, metrics, settings.model_name)
-    try:
-        server = ModelHTTPServer(settings, repository, runner, metrics)
-    except OSError as error:
-        log_line(f'error: cannot listen on {settings.host}:{settings.port}: {error.strerror or error}')
-        runner.stop()
-        return 1
+    pool = concurrent.futures.ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix='request')
+    app = RestApp(settings, repository, runner, metrics, pool)
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
-        server.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), '')
+        app.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), [])
     import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
     repository.refresh(load_standby=False)
     try:
@@ -460,29 +466,26 @@ def serve(settings):
         log_line(f'No versions of servable {settings.model_name} found under base path {settings.model_base_path}. '
                  f"Did you forget to name your leaf directory as a number (eg. '/1/')? Export one with "
                  f'`python3 mnist_model/mnist.py`; until then status and predict requests answer 404.')
-    stop = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda number, frame: stop.set())
     poller = None
     if settings.poll_wait_seconds > 0:
         poller = threading.Thread(target=repository.poll, args=(settings.poll_wait_seconds,), daemon=True)
         poller.start()
-    server_thread = threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.2}, daemon=True)
-    server_thread.start()
-    address = f'http://{settings.host}:{server.server_address[1]}'
+    address = f'http://{settings.host}:{sock.getsockname()[1]}'
     log_line(f'Serving model {settings.model_name} over REST at {address}/v1/models/{settings.model_name} '
              f'(polling {settings.model_base_path} every {settings.poll_wait_seconds:g} s; '
              f'batching {describe_batching(settings.batching)}; Ctrl-C stops)')
     if settings.metrics_path is not None:
         log_line(f'Prometheus metrics at {address}{settings.metrics_path}')
-    # Waiting in short slices keeps the main thread responsive to signals on every platform.
-    while not stop.wait(0.5):
-        pass
-    log_line('Shutting down')
+
+    def stopping():
+        log_line(f'Shutting down: no new connections; requests in flight get up to '
+                 f'{settings.limits.shutdown_grace_seconds:g} s (--shutdown_grace_seconds)')
+        repository.stop()
+
+    serve_app(app, sock, settings.limits, on_bad_request=app.record_refused, on_stopping=stopping)
     repository.stop()
-    server.shutdown()
-    server.server_close()
     runner.stop()
+    pool.shutdown(wait=True, cancel_futures=True)
     if poller is not None:
         poller.join(timeout=5)
     log_line('Server stopped')
@@ -555,6 +558,13 @@ def non_negative_float(text):
     return value
 
 
+def positive_float(text):
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f'expected a number > 0, got {text!r}')
+    return value
+
+
 def port_number(text):
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f'expected a port 0-65535, got {text!r}')
@@ -591,9 +601,11 @@ def read_settings(args):
         batching = read_batching_parameters(args.batching_parameters_file) if args.batching_parameters_file \
             else BatchingParameters()
     metrics_path = read_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
+    limits = HttpLimits(max_connections=args.max_connections, header_timeout_seconds=args.header_timeout_seconds,
+                        shutdown_grace_seconds=args.shutdown_grace_seconds)
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
                           args.file_system_poll_wait_seconds, args.max_request_bytes, args.access_log, metrics_path,
-                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6)
+                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits)
 
 
 def main(argv=None):
@@ -621,6 +633,14 @@ def main(argv=None):
     parser.add_argument('--max_request_bytes', type=positive_int, default=16 * 1024 * 1024,
                         help='largest request body accepted, in bytes, also after gzip decompression; larger ones '
                              'get HTTP 413 (default: 16777216 = 16 MiB)')
+    parser.add_argument('--max_connections', type=positive_int, default=1024,
+                        help='connections open at a time; one more is answered 503 and closed (default: 1024)')
+    parser.add_argument('--header_timeout_seconds', type=positive_float, default=10.0,
+                        help='total time a client has to send a request\'s head (request line and headers), and '
+                             'to send its first request after connecting; then 408 and close (default: 10)')
+    parser.add_argument('--shutdown_grace_seconds', type=non_negative_float, default=10.0,
+                        help='on SIGTERM or Ctrl-C, how long requests in flight may take to finish before the '
+                             'server exits (default: 10)')
     parser.add_argument('--enable_batching', type=boolean, nargs='?', const=True, default=True,
                         help='merge concurrent predict requests into one signature call; unlike TF Serving on by '
                              'default, as it doubles the throughput of many clients and costs one client nothing '

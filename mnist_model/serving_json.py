@@ -14,6 +14,7 @@ Example:
 import base64
 import binascii
 import json
+import re
 import typing
 
 import numpy as np
@@ -24,6 +25,12 @@ DEFAULT_SIGNATURE = 'serving_default'
 # not 0.9428256154060364) as TF Serving prints them.
 FAST_DTYPES = {np.dtype(name) for name in ('float32', 'float64', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16',
                                            'uint32', 'uint64', 'bool')}
+
+
+# The JSON extension tokens TF Serving accepts; orjson refuses them.
+NON_FINITE_TOKEN = re.compile(rb'NaN|Infinity')
+# Nesting deeper than this is refused in string inputs of unknown rank (numpy arrays have at most 64 dimensions).
+MAX_STRING_NESTING = 32
 
 
 class RequestError(Exception):
@@ -42,16 +49,27 @@ class PredictRequest(typing.NamedTuple):
 
 
 def parse_json(raw_body):
+    """Parse a request body as TF Serving does (RapidJSON with kParseNanAndInfFlag): standard JSON, plus the tokens
+    NaN, Infinity and -Infinity. orjson parses the usual body and refuses those tokens; only then, and only if the
+    body holds one, the json module (which accepts them) parses it again."""
     try:
         return orjson.loads(raw_body)
     except orjson.JSONDecodeError as error:
-        raise RequestError(400, f'JSON Parse error: {str(error)[:200]}') from None
+        if NON_FINITE_TOKEN.search(raw_body) is None:
+            raise RequestError(400, f'JSON Parse error: {str(error)[:200]}') from None
+        orjson_error = error
+    try:
+        return json.loads(raw_body)
+    except (ValueError, RecursionError):
+        raise RequestError(400, f'JSON Parse error: {str(orjson_error)[:200]}') from None
 
 
-def decode_strings(value):
-    """Turn JSON strings and {"b64": ...} objects into bytes, keeping the nesting of lists."""
+def decode_strings(value, depth):
+    """Turn JSON strings and {"b64": ...} objects into bytes, keeping the nesting of lists, at most `depth` deep."""
     if isinstance(value, list):
-        return [decode_strings(item) for item in value]
+        if depth <= 0:
+            raise RequestError(400, 'string values are nested deeper than the input\'s shape allows')
+        return [decode_strings(item, depth - 1) for item in value]
     if isinstance(value, dict):
         if set(value) != {'b64'} or not isinstance(value['b64'], str):
             raise RequestError(400, 'a string value given as an object must be {"b64": "<base64 string>"}')
@@ -67,7 +85,7 @@ def decode_strings(value):
 def to_array(name, value, info):
     """Convert one JSON input value to a numpy array matching the input's InputInfo, or raise RequestError(400)."""
     if info.is_string:
-        strings = decode_strings(value)
+        strings = decode_strings(value, MAX_STRING_NESTING if info.shape is None else len(info.shape))
         try:
             array = np.array(strings, dtype=object)
         except ValueError:
@@ -84,15 +102,31 @@ def to_array(name, value, info):
             raise RequestError(400, f'input "{name}" must hold {info.dtype.name} values only')
         if array.dtype != info.numpy_dtype:
             try:
-                array = array.astype(info.numpy_dtype, casting='unsafe')
+                converted = array.astype(info.numpy_dtype, casting='unsafe')
             except (TypeError, ValueError, OverflowError):
                 raise RequestError(400, f'input "{name}" does not fit dtype {info.dtype.name}') from None
+            if not fits(array, converted, info.numpy_dtype):
+                raise RequestError(400, f'input "{name}" has values out of the range of {info.dtype.name}')
+            array = converted
     shape = info.shape
     if shape is not None and (array.ndim != len(shape) or any(
             size is not None and size != actual for size, actual in zip(shape, array.shape))):
         raise RequestError(400, f'input "{name}" has shape {list(array.shape)}, the signature expects '
                                 f'{info.shape_text}')
     return array
+
+
+def fits(array, converted, dtype):
+    """Whether numpy's cast kept every value in range: a finite number must not become infinite (1e308 in
+    float32), and an integer input must lie within its type's bounds."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == 'f':
+        return array.dtype.kind != 'f' or bool(np.isfinite(converted).all()) or \
+            not bool((np.isfinite(array) & ~np.isfinite(converted)).any())
+    if dtype.kind in 'iu' and array.size:
+        bounds = np.iinfo(dtype)
+        return bool(array.min() >= bounds.min) and bool(array.max() <= bounds.max)
+    return True
 
 
 def read_instances(instances, input_names):

@@ -258,8 +258,8 @@ def test_broken_http_gets_an_error_without_hanging_the_server(served):
     # A body shorter than its Content-Length (the client gave up half-way).
     assert raw_request(port, b'POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n'
                              b'Content-Length: 500\r\n\r\n{"instances"')[0] == 400
-    # A request line that is not HTTP gets http.server's answer (an HTTP/0.9-style bare body), as JSON.
-    assert json.loads(raw_exchange(port, b'NONSENSE\r\n\r\n')) == {'error': "Bad request syntax ('NONSENSE')"}
+    # A request line that is not HTTP gets a proper HTTP 400 with a status line, its error as JSON.
+    assert raw_request(port, b'NONSENSE\r\n\r\n') == (400, {'error': 'Bad request: Invalid method encountered'})
     # Several requests on one kept-alive connection, an error reply in the middle.
     connection = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
     for body, status in ((b'{}', 400), (json.dumps({'instances': PIXELS}).encode(), 200), (b'[', 400)):
@@ -338,7 +338,7 @@ def read_reply(connection):
         assert chunk, f'connection closed before a full reply: {data!r}'
         data += chunk
     head, _, body = data.partition(b'\r\n\r\n')
-    length = int(re.search(rb'Content-Length: (\d+)', head)[1])
+    length = int(re.search(rb'(?i)Content-Length: (\d+)', head)[1])
     while len(body) < length:
         body += connection.recv(65536)
     return int(head.split()[1]), head.decode('latin-1'), body
@@ -354,7 +354,7 @@ def test_oversized_content_length_is_answered_at_once_then_the_connection_closes
             status, head, body = read_reply(connection)
             seconds = time.monotonic() - started
             assert status == 413 and 'over the limit' in json.loads(body)['error'] and seconds < 1
-            assert 'Connection: close' in head
+            assert 'connection: close' in head.lower()
             # What the client still sends is read and dropped rather than answered with a reset; then it closes.
             connection.sendall(b'x' * 100_000)
             assert connection.recv(65536) == b''
@@ -394,7 +394,8 @@ def test_metrics_have_tf_serving_names_and_count_the_requests_made(served):
     assert increase(':tensorflow:serving:request_count', model_name='mnist', status='OK') == 4
     assert increase(':tensorflow:serving:request_count', model_name='mnist', status='INVALID_ARGUMENT') == 1
     assert increase(':tensorflow:serving:request_count', model_name='mnist', status='RESOURCE_EXHAUSTED') == 1
-    assert increase(':tensorflow:serving:request_count', model_name='other', status='NOT_FOUND') == 1
+    # Names the server does not serve are counted under one fixed label value (see test_model_server_http.py).
+    assert increase(':tensorflow:serving:request_count', model_name='<unknown>', status='NOT_FOUND') == 1
     predict = {'model_name': 'mnist', 'API': 'predict', 'entrypoint': 'REST'}
     assert increase(':tensorflow:serving:request_latency_count', **predict) == 3
     assert increase(':tensorflow:serving:runtime_latency_count', model_name='mnist', API='Predict', runtime='TF1') == 3
@@ -524,8 +525,11 @@ def test_command_line_errors_are_one_line(tmp_path):
     with socket.socket() as taken:
         taken.bind(('127.0.0.1', 0))
         taken.listen()
-        result = run_cli(f'--model_base_path={tmp_path}', f'--rest_api_port={taken.getsockname()[1]}')
-    assert result.returncode == 1 and 'cannot listen' in result.stderr and 'Traceback' not in result.stderr
+        port = taken.getsockname()[1]
+        result = run_cli(f'--model_base_path={tmp_path}', f'--rest_api_port={port}')
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == (
+        f'error: port {port} is in use on 127.0.0.1: stop the other server or pass --rest_api_port=N '
+        '(0 picks a free port)')
 
 
 CONFIG_ERRORS = [
