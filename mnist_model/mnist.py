@@ -252,26 +252,34 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
         return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), digits),
                                       tf.float32))
 
+    # Keras' layers and optimizer are TensorFlow code already: AutoGraph need not convert them, which only slows
+    # tracing.
+    @tf.autograph.experimental.do_not_convert
+    def train_step(batch):
+        """One step of SGD on the training examples numbered `batch`; returns the batch's loss and accuracy."""
+        pixels = tf.cast(tf.gather(images, batch), tf.float32)
+        digits = tf.gather(labels, batch)
+        with tf.GradientTape() as tape:
+            probabilities = model(pixels, training=True)
+            loss = loss_function(digits, probabilities)
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss, accuracy_of(probabilities, digits)
+
     # One call of train_steps runs a whole log interval as a loop inside TensorFlow's graph: Python is not involved
     # between the steps, which is most of what a per-step loop (or model.fit) spends beyond the arithmetic.
     @tf.function(input_signature=[tf.TensorSpec([None, batch_size], tf.int32)])
     def train_steps(batches):
-        """One training step per row of `batches` (the indices of a batch's examples); returns the mean loss and
+        """One training step per row of `batches` (the numbers of a batch's examples); returns the mean loss and
         accuracy over those steps, as the model stood at each step."""
         loss_sum, accuracy_sum = tf.constant(0.0), tf.constant(0.0)
         for step in tf.range(tf.shape(batches)[0]):
-            pixels = tf.cast(tf.gather(images, batches[step]), tf.float32)
-            digits = tf.gather(labels, batches[step])
-            with tf.GradientTape() as tape:
-                probabilities = model(pixels, training=True)
-                loss = loss_function(digits, probabilities)
-            optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+            loss, accuracy = train_step(batches[step])
             loss_sum += loss
-            accuracy_sum += accuracy_of(probabilities, digits)
+            accuracy_sum += accuracy
         steps = tf.cast(tf.shape(batches)[0], tf.float32)
         return loss_sum / steps, accuracy_sum / steps
 
-    @tf.function
+    @tf.function(autograph=False)
     def test_metrics():
         """Loss and accuracy on the whole test set."""
         probabilities = model(tf.cast(test_images, tf.float32), training=False)
@@ -588,12 +596,14 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
                        lambda: centre(crop_and_fit(set_stroke_width(crop_and_fit(ink, work_box)), mnist_box)),
                        lambda: tf.zeros([784], tf.float32))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')])
+    # The serving functions are TensorFlow ops with explicit tf.cond and tf.while_loop, so they are traced without
+    # AutoGraph: converting every helper above took most of an export's time.
+    @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')], autograph=False)
     def serve_pixels(pixels):
         probabilities = model(pixels, training=False)
         return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
     def serve_image(image_bytes):
         pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32))
         return serve_pixels(pixels)
