@@ -179,8 +179,11 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
           num_hidden_layer_2: int = 256, dropout: float = 1.0, learning_rate: float = 0.01, epoch: int = 2000,
           batch_size: int = 256, seed: int = 0, log_dir: str = ''):
     """Train the MLP for `epoch` steps and save it to the folder model_path (model.keras and train.json).
-    `dropout` is the keep probability. With a log_dir, write TensorBoard logs to <log_dir>/<run name>/."""
+    `dropout` is the keep probability. With a log_dir, write TensorBoard logs to <log_dir>/<run name>/.
+    Returns the trained Keras model too, which a caller in the same process (run) hands to evaluate and export
+    instead of loading model.keras again; a KFP component ignores it."""
     import datetime
+    import itertools
     import json
     import math
     import os
@@ -190,8 +193,7 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     import numpy as np
     import tensorflow as tf
 
-    log_every = 200  # Steps between progress lines, TensorBoard points and validation passes.
-    started = time.time()
+    log_every = 200  # Steps between progress lines, TensorBoard points and test passes.
     with np.load(dataset_path, allow_pickle=False) as dataset:
         x_train, y_train = dataset['x_train'].reshape(-1, 784), dataset['y_train']
         x_test, y_test = dataset['x_test'].reshape(-1, 784), dataset['y_test']
@@ -226,36 +228,63 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     layers.append(keras.layers.Dense(10, activation='softmax', name='probabilities'))
     model = keras.Sequential(layers, name='mnist_mlp')
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epoch)
-    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True),
-                  loss='sparse_categorical_crossentropy', metrics=['accuracy'],
-                  # One call into the compiled graph per log interval keeps Python out of the inner loop.
-                  steps_per_execution=min(log_every, epoch))
+    optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True)
+    optimizer.build(model.trainable_variables)
+    loss_function = keras.losses.SparseCategoricalCrossentropy()
 
-    # Every pass over the training set is one seeded shuffle and one gather, cut into whole batches: the input
-    # pipeline then works per batch, not per example, and leaves the two cores to training. The images stay uint8
-    # (a float copy of the training set would take 188 MB); the last `epoch` % batches-per-pass steps use part of a
-    # pass, and training stops after exactly `epoch` steps.
+    # Every pass over the training set is one seeded shuffle, cut into whole batches; the last `epoch` % batches-per-
+    # pass steps use part of a pass, so that training stops after exactly `epoch` steps. The images stay uint8 in
+    # memory (a float copy of the training set would take 188 MB) and each step gathers its own batch.
     batches_per_pass = train_examples // batch_size
     if batches_per_pass == 0:
         raise ValueError(f'batch size {batch_size} is larger than the {train_examples} training examples')
-    images, labels = tf.constant(x_train), tf.constant(y_train)
+    images, labels = tf.constant(x_train), tf.constant(y_train.astype(np.int32))
+    test_images, test_labels = tf.constant(x_test), tf.constant(y_test.astype(np.int32))
     del x_train
 
-    def shuffled_pass(pass_index):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(train_examples), seed=tf.stack([tf.constant(seed, tf.int64), pass_index]))
-        order = order[:batches_per_pass * batch_size]
-        return tf.data.Dataset.from_tensor_slices(
-            (tf.reshape(tf.gather(images, order), [batches_per_pass, batch_size, 784]),
-             tf.reshape(tf.gather(labels, order), [batches_per_pass, batch_size])))
+    def batches_in_order():
+        """The indices of every batch's examples, batch after batch, pass after pass."""
+        for pass_index in itertools.count():
+            order = tf.random.experimental.stateless_shuffle(tf.range(train_examples, dtype=tf.int32),
+                                                             seed=tf.constant([seed, pass_index], tf.int64))
+            yield from order.numpy()[:batches_per_pass * batch_size].reshape(batches_per_pass, batch_size)
 
-    train_batches = (tf.data.Dataset.range(math.ceil(epoch / batches_per_pass))
-                     .flat_map(shuffled_pass)
-                     .map(lambda pixels, digits: (tf.cast(pixels, tf.float32), digits))
-                     .prefetch(2)
-                     .take(epoch))
-    test_batches = (tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(2000)
-                    .map(lambda pixels, digits: (tf.cast(pixels, tf.float32), digits)))
+    def accuracy_of(probabilities, digits):
+        return tf.reduce_mean(tf.cast(tf.equal(tf.argmax(probabilities, axis=1, output_type=tf.int32), digits),
+                                      tf.float32))
+
+    # Keras' layers and optimizer are TensorFlow code already: AutoGraph need not convert them, which only slows
+    # tracing.
+    @tf.autograph.experimental.do_not_convert
+    def train_step(batch):
+        """One step of SGD on the training examples numbered `batch`; returns the batch's loss and accuracy."""
+        pixels = tf.cast(tf.gather(images, batch), tf.float32)
+        digits = tf.gather(labels, batch)
+        with tf.GradientTape() as tape:
+            probabilities = model(pixels, training=True)
+            loss = loss_function(digits, probabilities)
+        optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss, accuracy_of(probabilities, digits)
+
+    # One call of train_steps runs a whole log interval as a loop inside TensorFlow's graph: Python is not involved
+    # between the steps, which is most of what a per-step loop (or model.fit) spends beyond the arithmetic.
+    @tf.function(input_signature=[tf.TensorSpec([None, batch_size], tf.int32)])
+    def train_steps(batches):
+        """One training step per row of `batches` (the numbers of a batch's examples); returns the mean loss and
+        accuracy over those steps, as the model stood at each step."""
+        loss_sum, accuracy_sum = tf.constant(0.0), tf.constant(0.0)
+        for step in tf.range(tf.shape(batches)[0]):
+            loss, accuracy = train_step(batches[step])
+            loss_sum += loss
+            accuracy_sum += accuracy
+        steps = tf.cast(tf.shape(batches)[0], tf.float32)
+        return loss_sum / steps, accuracy_sum / steps
+
+    @tf.function(autograph=False)
+    def test_metrics():
+        """Loss and accuracy on the whole test set."""
+        probabilities = model(tf.cast(test_images, tf.float32), training=False)
+        return loss_function(test_labels, probabilities), accuracy_of(probabilities, test_labels)
 
     run_dir = None
     writers = {}
@@ -271,38 +300,36 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
         writers = {name: tf.summary.create_file_writer(os.path.join(run_dir, name))
                    for name in ('train', 'validation')}
 
-    class ProgressLogger(keras.callbacks.Callback):
-        """Print a progress line and log scalars every log interval; stop on a non-finite loss."""
-
-        def on_epoch_end(self, interval, logs=None):
-            step = int(self.model.optimizer.iterations.numpy())
-            print(f'step {step:>6}/{epoch}  train loss {logs["loss"]:.4f} accuracy {logs["accuracy"]:.4f}  '
-                  f'test loss {logs["val_loss"]:.4f} accuracy {logs["val_accuracy"]:.4f}  '
-                  f'({time.time() - started:.1f} s)', flush=True)
-            for series, prefix in (('train', ''), ('validation', 'val_')):
-                if series in writers:
-                    with writers[series].as_default(step=step):
-                        tf.summary.scalar('loss', logs[prefix + 'loss'])
-                        tf.summary.scalar('accuracy', logs[prefix + 'accuracy'])
-            if not math.isfinite(logs['loss']):
-                self.model.stop_training = True
-
-    fit_started = time.time()
-    history = model.fit(train_batches, epochs=math.ceil(epoch / log_every), steps_per_epoch=min(log_every, epoch),
-                        validation_data=test_batches, callbacks=[ProgressLogger()], shuffle=False, verbose=0)
-    train_seconds = time.time() - fit_started
-    final_loss = history.history['loss'][-1]
-    if not math.isfinite(final_loss):
-        for writer in writers.values():
-            writer.close()
-        raise ValueError(f'training diverged (loss {final_loss}); try a smaller --learning_rate')
+    # The training time counts the steps, the test passes and the logging between them, from the first step to the
+    # last progress line, which shows the same figure.
+    training_started = time.perf_counter()
+    batches = batches_in_order()
+    step = 0
+    while step < epoch:
+        interval = min(log_every, epoch - step)
+        train_loss, train_accuracy = (float(value) for value in
+                                      train_steps(np.stack([next(batches) for _ in range(interval)])))
+        step += interval
+        test_loss, test_accuracy = (float(value) for value in test_metrics())
+        for series, loss, accuracy in (('train', train_loss, train_accuracy),
+                                       ('validation', test_loss, test_accuracy)):
+            if series in writers:
+                with writers[series].as_default(step=step):
+                    tf.summary.scalar('loss', loss)
+                    tf.summary.scalar('accuracy', accuracy)
+        train_seconds = round(time.perf_counter() - training_started, 3)
+        print(f'step {step:>6}/{epoch}  train loss {train_loss:.4f} accuracy {train_accuracy:.4f}  '
+              f'test loss {test_loss:.4f} accuracy {test_accuracy:.4f}  (training {train_seconds:.1f} s)', flush=True)
+        if not math.isfinite(train_loss):
+            for writer in writers.values():
+                writer.close()
+            raise ValueError(f'training diverged (loss {train_loss}); try a smaller --learning_rate')
 
     hyperparameters = {'num_hidden_layer_1': num_hidden_layer_1, 'num_hidden_layer_2': num_hidden_layer_2,
                        'dropout': dropout, 'learning_rate': learning_rate, 'epoch': epoch,
                        'batch_size': batch_size, 'seed': seed}
     if writers:
-        probabilities = np.concatenate([model.predict_on_batch(x_test[start:start + 2000].astype(np.float32))
-                                        for start in range(0, len(x_test), 2000)])
+        probabilities = model(tf.cast(test_images, tf.float32), training=False).numpy()
         predictions = probabilities.argmax(axis=1)
         confusion = np.bincount(y_test.astype(np.int64) * 10 + predictions, minlength=100).reshape(10, 10)
         # matplotlib is imported here, on the only path that draws TensorBoard images: the pipeline runs this step in
@@ -392,19 +419,23 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
 
     os.makedirs(model_path, exist_ok=True)
     model.save(os.path.join(model_path, 'model.keras'))
-    info = {'hyperparameters': hyperparameters, 'train_seconds': round(train_seconds, 3),
+    info = {'hyperparameters': hyperparameters, 'steps': int(optimizer.iterations.numpy()),
+            'train_seconds': train_seconds,
             'tensorflow_version': tf.__version__, 'keras_version': keras.__version__,
             'data_source': source, 'data_sha256': source_sha256, 'train_examples': train_examples,
             'standardisation': {'mean': mean, 'std': std}, 'tensorboard_run_dir': run_dir}
     with open(os.path.join(model_path, 'train.json'), 'w') as file:
         json.dump(info, file, indent=2)
+    return model
 
 
 def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), metrics_path: OutputPath('JSON'),
-             mlpipeline_metrics_path: OutputPath('Metrics'), mlpipeline_ui_metadata_path: OutputPath('UI_metadata')
-             ) -> NamedTuple('EvaluateOutputs', [('accuracy', float), ('loss', float)]):
+             mlpipeline_metrics_path: OutputPath('Metrics'), mlpipeline_ui_metadata_path: OutputPath('UI_metadata'),
+             trained_model=None) -> NamedTuple('EvaluateOutputs', [('accuracy', float), ('loss', float)]):
     """Measure test accuracy (a fraction) and loss; write them with the confusion matrix to metrics_path, and as
-    KFP v1 run metrics and UI metadata (a confusion matrix and a summary) for the pipeline's run page."""
+    KFP v1 run metrics and UI metadata (a confusion matrix and a summary) for the pipeline's run page.
+    trained_model is the model train() returned when the steps run in one process (run); without it the model is
+    loaded from model_path. (It is not an input of the pipeline's component: files travel there.)"""
     import collections
     import json
     import os
@@ -414,12 +445,13 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
 
     with np.load(dataset_path, allow_pickle=False) as dataset:
         x_test, y_test = dataset['x_test'].reshape(-1, 784), dataset['y_test'].astype(np.int64)
-    model = keras.models.load_model(os.path.join(model_path, 'model.keras'))
+    model = (trained_model if trained_model is not None
+             else keras.models.load_model(os.path.join(model_path, 'model.keras')))
     with open(os.path.join(model_path, 'train.json')) as file:
         train_info = json.load(file)
 
     # Batch by batch, so that only one batch at a time is held as float32.
-    probabilities = np.concatenate([model.predict_on_batch(x_test[start:start + 2000].astype(np.float32))
+    probabilities = np.concatenate([np.asarray(model(x_test[start:start + 2000].astype(np.float32), training=False))
                                     for start in range(0, len(x_test), 2000)])
     predictions = probabilities.argmax(axis=1)
     accuracy = float(np.mean(predictions == y_test))
@@ -453,17 +485,19 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
     return collections.namedtuple('EvaluateOutputs', ['accuracy', 'loss'])(accuracy, loss)
 
 
-def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), export_dir: OutputPath('SavedModel')):
+def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), export_dir: OutputPath('SavedModel'),
+           trained_model=None):
     """Export the model as a SavedModel in the folder export_dir, with the signatures serving_default and
     predict_image (see the module docstring) and assets.extra/run.json. The export is a candidate: promote()
-    decides whether it becomes a served version."""
+    decides whether it becomes a served version. trained_model: as in evaluate."""
     import json
     import os
 
     import keras
     import tensorflow as tf
 
-    model = keras.models.load_model(os.path.join(model_path, 'model.keras'))
+    model = (trained_model if trained_model is not None
+             else keras.models.load_model(os.path.join(model_path, 'model.keras')))
     with open(os.path.join(model_path, 'train.json')) as file:
         train_info = json.load(file)
     with open(metrics_path) as file:
@@ -626,12 +660,14 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
                        lambda: centre(crop_and_fit(set_stroke_width(crop_and_fit(ink, work_box)), mnist_box)),
                        lambda: tf.zeros([784], tf.float32))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')])
+    # The serving functions are TensorFlow ops with explicit tf.cond and tf.while_loop, so they are traced without
+    # AutoGraph: converting every helper above took most of an export's time.
+    @tf.function(input_signature=[tf.TensorSpec([None, 784], tf.float32, name='pixels')], autograph=False)
     def serve_pixels(pixels):
         probabilities = model(pixels, training=False)
         return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
     def serve_image(image_bytes):
         # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
         pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
@@ -648,8 +684,8 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
     os.makedirs(os.path.join(export_dir, 'assets.extra'), exist_ok=True)
     run_info = {'hyperparameters': train_info['hyperparameters'], 'accuracy': metrics['accuracy'],
                 'loss': metrics['loss'], 'test_examples': metrics['test_examples'],
-                'tensorflow_version': tf.__version__, 'data_source': train_info['data_source'],
-                'data_sha256': train_info['data_sha256']}
+                'train_seconds': train_info['train_seconds'], 'tensorflow_version': tf.__version__,
+                'data_source': train_info['data_source'], 'data_sha256': train_info['data_sha256']}
     with open(os.path.join(export_dir, 'assets.extra', 'run.json'), 'w') as file:
         json.dump(run_info, file, indent=2)
 
@@ -665,14 +701,16 @@ def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
             return os.path.join(work_dir, name)
 
         load_data(data, path('dataset.npz'))
-        train(path('dataset.npz'), path('model'), log_dir=log_dir, **hparams)
+        # The same files as the pipeline's steps pass, and the trained model in memory besides.
+        model = train(path('dataset.npz'), path('model'), log_dir=log_dir, **hparams)
         accuracy, loss = evaluate(path('dataset.npz'), path('model'), path('metrics.json'),
-                                  path('evaluate-kfp-metrics.json'), path('evaluate-kfp-ui-metadata.json'))
+                                  path('evaluate-kfp-metrics.json'), path('evaluate-kfp-ui-metadata.json'),
+                                  trained_model=model)
         with open(path('model/train.json')) as file:
             train_info = json.load(file)
         promotion = None
         if export_dir:
-            export(path('model'), path('metrics.json'), path('export'))
+            export(path('model'), path('metrics.json'), path('export'), trained_model=model)
             promotion = promote(path('export'), export_dir, path('promote-kfp-metrics.json'),
                                 path('promote-kfp-ui-metadata.json'), model_version=model_version,
                                 **{**PROMOTION_DEFAULTS, **(rule or {})})

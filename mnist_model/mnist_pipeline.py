@@ -86,11 +86,14 @@ POLL_SECONDS = 10
 def component_from_step(step):
     """A lightweight component made of one of mnist.py's step functions. mnist.py keeps its kfp annotations
     (InputPath, OutputPath) as strings so that the trainer runs without kfp; they are resolved here, on a copy of
-    the function, so that mnist's own functions stay as they are."""
+    the function, so that mnist's own functions stay as they are. A step's trained_model parameter (the model in
+    memory, when mnist.run runs the steps in one process) is left out: between components only files travel."""
     names = {'InputPath': components.InputPath, 'OutputPath': components.OutputPath, 'NamedTuple': typing.NamedTuple}
     function = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
     function.__doc__, function.__kwdefaults__ = step.__doc__, step.__kwdefaults__
-    function.__signature__ = inspect.signature(step, globals=names, eval_str=True)
+    signature = inspect.signature(step, globals=names, eval_str=True)
+    function.__signature__ = signature.replace(
+        parameters=[parameter for name, parameter in signature.parameters.items() if name != 'trained_model'])
     factory = components.create_component_from_func(function, base_image=BASE_IMAGE)
     # kfp 1.8 parses bool arguments with distutils, which Python 3.12 removed; this parser accepts the same words.
     container = factory.component_spec.implementation.container

@@ -46,6 +46,10 @@ def test_cli_trains_and_prints_katib_metrics(cli_runs):
         assert re.search(r'^step +200/250 ', process.stdout, re.MULTILINE)
         assert 'Promoted: version' in process.stdout and 'TensorBoard logs' in process.stdout
         assert 'warning' not in process.stderr
+        # The last progress line and the summary name the same figure: the training time.
+        progress = re.findall(r'^step +\d+/250 .*\(training ([0-9.]+) s\)$', process.stdout, re.MULTILINE)
+        summary = re.search(r'^Test accuracy .*\(training took ([0-9.]+) s\)$', process.stdout, re.MULTILINE)
+        assert len(progress) == 2 and float(progress[-1]) > 0 and summary.group(1) == progress[-1]
 
 
 def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
@@ -65,6 +69,7 @@ def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
         assert record['hyperparameters']['num_hidden_layer_1'] == 192
         assert record['hyperparameters']['epoch'] == 250
         assert record['tensorflow_version'].startswith('2.')
+        assert 0 < record['train_seconds'] < 300
         assert re.fullmatch(r'[0-9a-f]{64}', record['data_sha256'])
     stdout = cli_runs['runs'][1].stdout
     assert re.search(r'^Promoted: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2; it replaces 0\.\d{4} of '
@@ -408,11 +413,13 @@ def test_shipped_test_digits_are_the_documented_mnist_digits():
             np.testing.assert_array_equal(np.asarray(image), data['x_test'][index])
 
 
-def test_train_takes_a_plain_keras_npz_too(small_data_path, tmp_path):
-    mnist.train(small_data_path, str(tmp_path / 'model'), num_hidden_layer_1=8, num_hidden_layer_2=8, epoch=5)
+def test_train_takes_a_plain_keras_npz_too_and_trains_exactly_epoch_steps(small_data_path, tmp_path):
+    # 3000 examples make 11 whole batches of 256 a pass: 25 steps are two passes and part of a third.
+    mnist.train(small_data_path, str(tmp_path / 'model'), num_hidden_layer_1=8, num_hidden_layer_2=8, epoch=25)
     with open(tmp_path / 'model' / 'train.json') as file:
         info = json.load(file)
     assert info['data_source'] == small_data_path and info['train_examples'] == 3000
+    assert info['steps'] == 25, 'the optimizer took exactly --epoch steps'
 
 
 def test_cli_refuses_an_unwritable_export_folder_before_training(tmp_path):

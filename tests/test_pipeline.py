@@ -90,6 +90,13 @@ def test_workflow_names_templates_and_dag(workflow):
                                                               'value': '{{inputs.parameters.data_url}}'}]
 
 
+def test_components_pass_files_not_the_model_in_memory():
+    # mnist.run hands evaluate and export the trained model in memory; a component has only its files.
+    for component in (mnist_pipeline.evaluate_op, mnist_pipeline.export_op):
+        inputs = [spec.name for spec in component.component_spec.inputs]
+        assert 'trained_model' not in inputs and 'model' in inputs, inputs
+
+
 def test_pipeline_parameters_match_the_trainer(workflow):
     arguments = workflow['spec']['spec']['arguments']['parameters']
     parameters = {parameter['name']: parameter['value'] for parameter in arguments}
