@@ -239,3 +239,15 @@ def cluster_actions(args: argparse.Namespace) -> set:
 def run_parameters(args: argparse.Namespace, hparams: dict, rule: dict) -> dict:
     """The pipeline parameters of a cluster run or schedule."""
     return dict(hparams, data_url=args.data_url, serving_pvc=args.serving_pvc, serving_path=args.serving_path, **rule)
+
+
+# Where .ci/run builds the second virtual environment (requirements-kfp2.txt), whose python runs mnist_pipeline_v2.py.
+KFP2_VENV = os.path.join('~', '.cache', 'mnist-demo-venv-kfp2')
+
+
+def find_kfp2_python():
+    """The python of the kfp 2 environment: $MNIST_KFP2_PYTHON, else .ci/run's ~/.cache/mnist-demo-venv-kfp2; None
+    if neither exists."""
+    configured = os.environ.get('MNIST_KFP2_PYTHON')
+    candidate = configured or os.path.join(os.path.expanduser(KFP2_VENV), 'bin', 'python')
+    return candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None
