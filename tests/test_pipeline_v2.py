@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import textwrap
 import threading
 
@@ -501,3 +502,38 @@ def test_bad_arguments_are_argparse_errors(kfp2_python, argv, message):
     process = run_v2(kfp2_python, *argv, timeout=120)
     assert process.returncode == 2
     assert message in process.stderr
+
+
+# ------------------------------------------------------------------------------------------ run_demo.py --pipeline v2
+
+def test_run_demo_pipeline_v2_runs_the_v2_script_with_the_kfp2_python(tmp_path, monkeypatch):
+    import run_demo
+
+    demo = run_demo.Demo(str(tmp_path / 'report'), str(tmp_path / 'serving'), quick=True, trials=2, parallel=2,
+                         echo=print, kfp2_python='/opt/kfp2/bin/python')
+    commands = []
+
+    def run_command(name, argv, environment=None):
+        commands.append(argv)
+        return ['[promote] Promoted: version 2 (test accuracy 0.9100) exported to /x/2; it replaces 0.9000 of '
+                'version 1.']
+
+    monkeypatch.setattr(demo, 'run_command', run_command)
+    demo.pipeline()
+    (command,) = commands
+    assert command[:3] == ['/opt/kfp2/bin/python', os.path.join('mnist_model', 'mnist_pipeline_v2.py'), '--run-local']
+    stage = demo.stage('pipeline')
+    assert stage['title'] == 'Kubeflow pipeline (v2), run locally'
+    assert stage['cluster_command'].startswith('python3 mnist_model/mnist_pipeline_v2.py --host <KFP URL> --image ')
+    assert demo.summary['versions'] == [{'version': 2, 'accuracy': 0.91, 'source': 'pipeline', 'decision': 'promoted',
+                                         'message': demo.summary['versions'][0]['message']}]
+
+
+def test_run_demo_pipeline_v2_without_the_environment_is_one_clear_error(tmp_path):
+    process = subprocess.run([sys.executable, os.path.join(REPO, 'run_demo.py'), '--quick', '--pipeline', 'v2',
+                              '--output', str(tmp_path / 'report')], cwd=REPO, capture_output=True, text=True,
+                             timeout=60, env=dict(os.environ, MNIST_KFP2_PYTHON=str(tmp_path / 'no-python'),
+                                                  HOME=str(tmp_path)))
+    assert process.returncode == 2
+    assert 'run_demo.py: error: --pipeline v2 needs the kfp 2 environment: set MNIST_KFP2_PYTHON' in process.stderr
+    assert not os.path.exists(tmp_path / 'report')
