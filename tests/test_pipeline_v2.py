@@ -537,3 +537,15 @@ def test_run_demo_pipeline_v2_without_the_environment_is_one_clear_error(tmp_pat
     assert process.returncode == 2
     assert 'run_demo.py: error: --pipeline v2 needs the kfp 2 environment: set MNIST_KFP2_PYTHON' in process.stderr
     assert not os.path.exists(tmp_path / 'report')
+
+
+def test_the_v2_image_holds_the_pinned_kfp_on_the_v1_tensorflow_image():
+    import mnist_pipeline
+
+    with open(os.path.join(REPO, 'Dockerfile.kfp2'), encoding='utf-8') as dockerfile:
+        text = dockerfile.read()
+    with open(os.path.join(REPO, 'requirements-kfp2.txt'), encoding='utf-8') as requirements:
+        kfp_pin = next(line.strip() for line in requirements if line.startswith('kfp=='))
+    assert re.findall(r'^FROM (\S+)$', text, re.MULTILINE) == [mnist_pipeline.BASE_IMAGE]
+    assert f' {kfp_pin} ' in text and '-c /tmp/requirements-base.txt' in text
+    assert 'docker build -f Dockerfile.kfp2 -t <registry>/mnist-pipeline-kfp2:1.0.0 .' in text
