@@ -3,7 +3,7 @@ upload, run and schedule it with the kfp 2 client. The same command line as mnis
 
 Needs the second environment (requirements-kfp2.txt: the shared base plus kfp 2.17.3 and kfp-kubernetes 2.17.3);
 kfp 1.8 and kfp 2 are both the package `kfp`, so they cannot share one environment. For KFP backends 2.x (Kubeflow
-1.9 and later); mnist_pipeline.py stays for KFP 1.x backends and for 2.x installs that still accept v1 pipelines.
+1.10 and later); mnist_pipeline.py stays for KFP 1.x backends and for 2.x installs that still accept v1 pipelines.
 
 The steps are mnist.py's and promote.py's own step functions -- load_data -> train -> evaluate -> export [->
 promote] -- embedded verbatim in each component (kfp's `additional_funcs`) beside a thin adapter that maps the v2
@@ -33,12 +33,18 @@ import time
 import warnings
 from typing import NamedTuple
 
-import kfp
-import kfp.local
+try:
+    import kfp
+    import kfp.local
+    from kfp import compiler, dsl, kubernetes
+    from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+except ImportError as error:
+    # kfp 1.8 (the main environment) has no kfp.local or kfp.kubernetes: say which python to use, not a traceback.
+    raise SystemExit(f'mnist_pipeline_v2.py: error: needs the kfp 2 environment (requirements-kfp2.txt) and this '
+                     f'python lacks it ({error}); run it with ~/.cache/mnist-demo-venv-kfp2/bin/python or '
+                     f'$MNIST_KFP2_PYTHON') from None
 import kfp_server_api
 import urllib3
-from kfp import compiler, dsl, kubernetes
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
 
 import mnist
 import pipeline_cli
