@@ -45,7 +45,6 @@ import warnings
 
 import kfp
 import kfp_server_api
-import urllib3
 import yaml
 from kfp import components, dsl
 from kfp.components._yaml_utils import dump_yaml
@@ -421,7 +420,7 @@ def main(argv=None) -> int:
         'Pipelines cluster.', PACKAGE_PATH, 'kfp LocalClient')
     args = parser.parse_args(argv)
     hparams, rule = pipeline_cli.check_arguments(parser, args, PACKAGE_PATH)
-    try:
+    def act():
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
         if args.upload or args.run or args.schedule:
@@ -429,13 +428,8 @@ def main(argv=None) -> int:
                                        pipeline_cli.run_parameters(args, hparams, rule), args.timeout)
         print(f'Compiled {compile_pipeline(args.package)}')
         return 0
-    except kfp_server_api.ApiException as error:
-        print(f'mnist_pipeline.py: error: {pipeline_cli.describe_api_error(error)}', file=sys.stderr)
-    except urllib3.exceptions.HTTPError as error:
-        print(f'mnist_pipeline.py: error: lost the connection to {args.host}: {error}', file=sys.stderr)
-    except (OSError, ValueError, LookupError, RuntimeError, TimeoutError) as error:
-        print(f'mnist_pipeline.py: error: {error}', file=sys.stderr)
-    return 1
+
+    return pipeline_cli.report_errors('mnist_pipeline.py', args.host, act)
 
 
 def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
@@ -443,12 +437,7 @@ def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: 
     data = os.path.abspath(data) if '://' not in data else data
     started = time.monotonic()
     result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
-    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
-    for name, path in result['outputs'].items():
-        print(f'  {name:24s}{path}')
-    if result['model_version']:
-        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
-    print(mnist.format_metrics(result['accuracy'], result['loss']))
+    pipeline_cli.print_local_run(result, serving_dir, time.monotonic() - started)
     return 0
 
 

@@ -44,7 +44,6 @@ except ImportError as error:
                      f'python lacks it ({error}); run it with ~/.cache/mnist-demo-venv-kfp2/bin/python or '
                      f'$MNIST_KFP2_PYTHON') from None
 import kfp_server_api
-import urllib3
 
 import mnist
 import pipeline_cli
@@ -207,6 +206,7 @@ class _StepLog:
         self.streaming = False
         self.in_executor_input = False
         self.last_line = {}
+        self.task_dirs = {}
         self.failed = []
         self.partial = ''
 
@@ -238,6 +238,10 @@ class _StepLog:
         # kfp indents a task's output by 4 spaces; the executor logs its input as an indented JSON block.
         content = line[4:] if line.startswith('    ') else line
         if self.in_executor_input:
+            # The task's folder, from the place of its executor output: the run's folder is the one above it.
+            output_file = re.match(r'\s*"outputFile": "(.*)/executor_output\.json"', content)
+            if output_file:
+                self.task_dirs[self.task] = output_file.group(1)
             self.in_executor_input = content != '}'
             return
         if content.startswith('[KFP Executor'):
@@ -284,7 +288,6 @@ def run_local(data: str, hparams: dict, pipeline_root: str, serving_dir: str = N
     saved_environment = {name: os.environ.get(name) for name in ('TMPDIR', 'TF_CPP_MIN_LOG_LEVEL')}
     os.environ['TMPDIR'] = scratch_dir
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-    runs_before = set(os.listdir(pipeline_root))
     step_log = _StepLog(stream or sys.stdout)
     try:
         kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
@@ -303,8 +306,9 @@ def run_local(data: str, hparams: dict, pipeline_root: str, serving_dir: str = N
             else:
                 os.environ[name] = value
         shutil.rmtree(scratch_dir, ignore_errors=True)
-    (run_name,) = set(os.listdir(pipeline_root)) - runs_before
-    run_dir = os.path.join(pipeline_root, run_name)
+    # From what the run printed rather than the newest folder: another run may be writing into pipeline_root too.
+    run_dir = os.path.dirname(step_log.task_dirs['load-data'])
+    run_name = os.path.basename(run_dir)
 
     def task_output(task: str) -> dict:
         with open(os.path.join(run_dir, task, 'executor_output.json'), encoding='utf-8') as output_file:
@@ -467,7 +471,7 @@ def main(argv=None) -> int:
         parser.error('--image is for compiling and --upload; --run-local runs the steps in this environment')
     if args.upload and '<registry>' in args.image:
         parser.error('--upload needs --image <your registry>/mnist-pipeline-kfp2:1.0.0 (built from Dockerfile.kfp2)')
-    try:
+    def act():
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
         if args.upload or args.run or args.schedule:
@@ -475,13 +479,8 @@ def main(argv=None) -> int:
                                        pipeline_cli.run_parameters(args, hparams, rule), args.timeout, args.image)
         print(f'Compiled {compile_pipeline(args.package, args.image)}')
         return 0
-    except kfp_server_api.ApiException as error:
-        print(f'mnist_pipeline_v2.py: error: {pipeline_cli.describe_api_error(error)}', file=sys.stderr)
-    except urllib3.exceptions.HTTPError as error:
-        print(f'mnist_pipeline_v2.py: error: lost the connection to {args.host}: {error}', file=sys.stderr)
-    except (OSError, ValueError, LookupError, RuntimeError, TimeoutError) as error:
-        print(f'mnist_pipeline_v2.py: error: {error}', file=sys.stderr)
-    return 1
+
+    return pipeline_cli.report_errors('mnist_pipeline_v2.py', args.host, act)
 
 
 def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
@@ -489,12 +488,7 @@ def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: 
     data = os.path.abspath(data) if '://' not in data else data
     started = time.monotonic()
     result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
-    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
-    for name, path in result['outputs'].items():
-        print(f'  {name:24s}{path}')
-    if result['model_version']:
-        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
-    print(mnist.format_metrics(result['accuracy'], result['loss']))
+    pipeline_cli.print_local_run(result, serving_dir, time.monotonic() - started)
     return 0
 
 

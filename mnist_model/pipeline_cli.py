@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 
@@ -254,3 +255,32 @@ def find_kfp2_python():
     configured = os.environ.get('MNIST_KFP2_PYTHON')
     candidate = configured or os.path.join(os.path.expanduser(KFP2_VENV), 'bin', 'python')
     return candidate if os.path.isfile(candidate) and os.access(candidate, os.X_OK) else None
+
+
+def report_errors(script: str, host: str, action) -> int:
+    """Run action() and return its exit code; an error of the KFP API, a lost connection or a user mistake is one
+    line on stderr and exit code 1."""
+    # The REST client of whichever pipeline SDK this environment has: kfp 1.8's and kfp 2's are both kfp_server_api.
+    import kfp_server_api
+    import urllib3
+
+    try:
+        return action()
+    except kfp_server_api.ApiException as error:
+        message = describe_api_error(error)
+    except urllib3.exceptions.HTTPError as error:
+        message = f'lost the connection to {host}: {error}'
+    except (OSError, ValueError, LookupError, RuntimeError, TimeoutError) as error:
+        message = str(error)
+    print(f'{script}: error: {message}', file=sys.stderr)
+    return 1
+
+
+def print_local_run(result: dict, serving_dir: str, seconds: float):
+    """What a finished local run prints: its outputs, the served version and the metric lines."""
+    print(f'Local run {result["run_id"]} succeeded in {seconds:.1f} s; outputs:')
+    for name, path in result['outputs'].items():
+        print(f'  {name:24s}{path}')
+    if result['model_version']:
+        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
+    print(mnist.format_metrics(result['accuracy'], result['loss']))
