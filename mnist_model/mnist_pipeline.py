@@ -319,7 +319,7 @@ def upload_pipeline(client, package_path: str, echo=print) -> dict:
         echo(f'Uploaded pipeline {PIPELINE_NAME} (id {pipeline.id})')
         return {'pipeline_id': pipeline.id, 'version_id': version_id}
     versions = list_all(lambda token: client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100),
-                         'versions')
+                        'versions')
     name = unique_version_name(VERSION_NAME, [version.name for version in versions])
     version = client.upload_pipeline_version(package_path, name, pipeline_id=pipeline_id,
                                              description=VERSION_DESCRIPTION)
@@ -353,7 +353,7 @@ def start_run(client, experiment_id: str, pipeline: dict, params: dict) -> 'kfp_
 def schedule_pipeline(client, experiment_id: str, pipeline: dict, params: dict, echo=print):
     """Create the weekly recurring run unless one with its name exists in the experiment; return the job."""
     jobs = list_all(lambda token: client.list_recurring_runs(page_token=token, page_size=100,
-                                                              experiment_id=experiment_id), 'jobs')
+                                                             experiment_id=experiment_id), 'jobs')
     for job in jobs:
         if job.name == SCHEDULE_NAME:
             echo(f'Recurring run {SCHEDULE_NAME} already exists (id {job.id}); not creating another')
@@ -420,6 +420,7 @@ def main(argv=None) -> int:
         'Pipelines cluster.', PACKAGE_PATH, 'kfp LocalClient')
     args = parser.parse_args(argv)
     hparams, rule = pipeline_cli.check_arguments(parser, args, PACKAGE_PATH)
+
     def act():
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)

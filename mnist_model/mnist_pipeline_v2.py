@@ -127,22 +127,19 @@ STEPS = {'load-data': (load_data_step, load_data), 'train': (train_step, train),
          'promote': (promote_step, promote)}
 
 
-def component_from_adapter(adapter, step, image: str):
-    """A v2 lightweight component: the step's own source and the adapter's, in the image, with no pip install."""
-    with warnings.catch_warnings():
-        # kfp warns that Artifact/NamedTuple come from its star imports; they do, in the component's module too.
-        warnings.simplefilter('ignore', UserWarning)
-        component = dsl.component(adapter, base_image=image, install_kfp_package=False, additional_funcs=[step])
+def component_from_adapter(name: str, adapter, step, image: str):
+    """A v2 lightweight component named name: the step's own source and the adapter's, in the image, with kfp's
+    run-time pip install turned off (the image holds kfp)."""
+    component = dsl.component(adapter, base_image=image, install_kfp_package=False, additional_funcs=[step])
     # The task names of the v1 pipeline (load-data, ...), not the adapters' (load-data-step, ...).
-    component.component_spec.name = next(name for name, pair in STEPS.items() if pair[0] is adapter)
-    component.name = component.component_spec.name
+    component.component_spec.name = component.name = name
     return component
 
 
 def build_pipeline(image: str = IMAGE_PLACEHOLDER, serving_mount: str = SERVING_MOUNT):
     """The v2 pipeline with its steps in image. serving_mount is where the promote step finds the claim: SERVING_MOUNT
     on a cluster; a local run, which mounts nothing, passes its --serving_dir's parent folder."""
-    components = {name: component_from_adapter(adapter, step, image) for name, (adapter, step) in STEPS.items()}
+    components = {name: component_from_adapter(name, adapter, step, image) for name, (adapter, step) in STEPS.items()}
 
     @dsl.pipeline(name=PIPELINE_NAME, description=pipeline_cli.PIPELINE_DESCRIPTION)
     def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
@@ -467,10 +464,13 @@ def main(argv=None) -> int:
                              '%(default)s, a placeholder); needed by --upload')
     args = parser.parse_args(argv)
     hparams, rule = pipeline_cli.check_arguments(parser, args, PACKAGE_PATH)
-    if args.image != IMAGE_PLACEHOLDER and args.run_local:
-        parser.error('--image is for compiling and --upload; --run-local runs the steps in this environment')
+    compiles = args.upload or not (args.run_local or args.run or args.schedule)
+    if args.image != IMAGE_PLACEHOLDER and not compiles:
+        parser.error('--image is for compiling and --upload (a run uses the uploaded version; --run-local runs the '
+                     'steps in this environment)')
     if args.upload and '<registry>' in args.image:
         parser.error('--upload needs --image <your registry>/mnist-pipeline-kfp2:1.0.0 (built from Dockerfile.kfp2)')
+
     def act():
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)

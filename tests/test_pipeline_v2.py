@@ -495,6 +495,7 @@ def test_refused_token_and_a_v1_backend_are_one_clear_line(kfp_v2_server, kfp2_p
 @pytest.mark.parametrize('argv, message', [
     (['--host', 'http://localhost:8080', '--upload'], '--upload needs --image <your registry>/mnist-pipeline-kfp2'),
     (['--run-local', '--image', IMAGE], '--image is for compiling and --upload'),
+    (['--host', 'http://localhost:8080', '--run', '--image', IMAGE], '--image is for compiling and --upload'),
     (['--upload'], '--upload, --run and --schedule need --host'),
     (['--run-local', '--serving_pvc', 'claim'], '--serving_pvc and --serving_path are for --run and --schedule'),
 ])
