@@ -9,6 +9,7 @@ report folder, so the demo never touches mnist_model/<versions> unless --serving
 
     python3 run_demo.py                  # the whole demo on the full data: about 3 minutes on 2 cores
     python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): under a minute
+    python3 run_demo.py --pipeline v2    # the pipeline stage with KFP v2 and kfp.local (the kfp 2 environment)
 
 It prints a line when each stage starts and ends, the stages' own progress, and where the report is:
 demo-report/<UTC date-time>/report.html (one self-contained page), summary.json (the same numbers) and logs/<stage>.log.
@@ -34,10 +35,12 @@ import urllib.request
 import numpy as np
 
 import demo_report
+from mnist_model.pipeline_cli import KFP2_VENV, find_kfp2_python
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MNIST_PY = os.path.join('mnist_model', 'mnist.py')
 PIPELINE_PY = os.path.join('mnist_model', 'mnist_pipeline.py')
+PIPELINE_V2_PY = os.path.join('mnist_model', 'mnist_pipeline_v2.py')
 TUNER_PY = 'mnist_hyper_tuning.py'
 SERVER_PY = os.path.join('mnist_model', 'model_server.py')
 NOTEBOOK = 'model_serve.ipynb'
@@ -111,8 +114,10 @@ def http_json(url, body=None, timeout=60):
 class Demo:
     """The state of one demo run: its folders, the summary the report is made from, and the running process."""
 
-    def __init__(self, report_dir, serving_dir, quick, trials, parallel, echo=print):
+    def __init__(self, report_dir, serving_dir, quick, trials, parallel, echo=print, kfp2_python=None):
         self.report_dir = report_dir
+        # With the python of the kfp 2 environment, the pipeline stage runs the KFP v2 pipeline instead of v1.
+        self.kfp2_python = kfp2_python
         self.serving_dir = serving_dir
         self.quick = quick
         self.echo = echo
@@ -226,8 +231,16 @@ class Demo:
 
     def pipeline(self):
         # The local run compiles the pipeline first: the package it runs lands in <pipeline_root>/mnist_pipeline.yaml.
+        command = ['python3', PIPELINE_PY]
+        if self.kfp2_python:
+            command = [self.kfp2_python, PIPELINE_V2_PY]
+            stage = self.stage('pipeline')
+            stage['title'] = 'Kubeflow pipeline (v2), run locally'
+            stage['cluster_command'] = ('python3 mnist_model/mnist_pipeline_v2.py --host <KFP URL> --image '
+                                        '<registry>/mnist-pipeline-kfp2:1.0.0 --upload --run --schedule '
+                                        '--serving_pvc <notebook pvc>')
         output = self.run_command('pipeline', [
-            'python3', PIPELINE_PY, '--run-local', *self.data_flags, *self.steps_flags(),
+            *command, '--run-local', *self.data_flags, *self.steps_flags(),
             f'--pipeline_root={display_path(os.path.join(self.report_dir, "pipeline"))}',
             f'--serving_dir={display_path(self.serving_dir)}'])
         self.record_decisions('pipeline', output)
@@ -438,7 +451,16 @@ def main(argv=None):
                              'mnist_model to serve the demo\'s own folder)')
     parser.add_argument('--keep_serving', action='store_true',
                         help='leave the model server running at the end and print its URL and PID')
+    parser.add_argument('--pipeline', choices=('v1', 'v2'), default='v1',
+                        help='the pipeline stage\'s Kubeflow Pipelines version (default: %(default)s); v2 runs '
+                             'mnist_pipeline_v2.py with the python of the kfp 2 environment: $MNIST_KFP2_PYTHON, '
+                             f'else {KFP2_VENV}/bin/python (.ci/run builds it from requirements-kfp2.txt)')
     args = parser.parse_args(argv)
+    kfp2_python = find_kfp2_python() if args.pipeline == 'v2' else None
+    if args.pipeline == 'v2' and kfp2_python is None:
+        parser.error(f'--pipeline v2 needs the kfp 2 environment: set MNIST_KFP2_PYTHON to its python, or build '
+                     f'{KFP2_VENV} (python3 -m venv {KFP2_VENV} && {KFP2_VENV}/bin/pip install -r '
+                     f'requirements-kfp2.txt)')
     trials = args.trials or (2 if args.quick else 6)
     report_dir = args.output or os.path.join(
         'demo-report', datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S'))
@@ -457,7 +479,7 @@ def main(argv=None):
     # A `kill` of this script stops the demo as Ctrl-C does: the running stage and the server first.
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
     demo = Demo(os.path.abspath(report_dir), os.path.abspath(serving_dir), args.quick, trials, args.parallel,
-                echo=lambda line: print(line, flush=True))
+                echo=lambda line: print(line, flush=True), kfp2_python=kfp2_python)
     mode = 'quick: a slice of the data, few steps' if args.quick else 'the full data'
     print(f'MNIST MLOps demo ({mode}); report in {report_dir}, serving folder {serving_dir}', flush=True)
     started = time.monotonic()

@@ -29,13 +29,11 @@ cookie; "oauth2_proxy_kubeflow=..." on Kubeflow 1.9+) or KF_PIPELINES_TOKEN=<bea
 with the "Allow access to Kubeflow Pipelines" configuration the projected token file
 /var/run/secrets/kubeflow/pipelines/token is used automatically.
 """
-import argparse
 import datetime
 import inspect
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import sys
@@ -43,43 +41,29 @@ import tempfile
 import time
 import types
 import typing
-import urllib.error
-import urllib.request
 import warnings
 
 import kfp
 import kfp_server_api
-import urllib3
 import yaml
 from kfp import components, dsl
 from kfp.components._yaml_utils import dump_yaml
 from kubernetes import client as k8s_client
 
 import mnist
+import pipeline_cli
+# The names on the cluster, the command line and the authentication are shared with mnist_pipeline_v2.py.
+from pipeline_cli import (DEFAULT_DATA_URL, DEFAULT_SERVING_PATH, EXPERIMENT_NAME, LOCAL_CLAIM, PIPELINE_DESCRIPTION,
+                          PIPELINE_NAME, SCHEDULE_DESCRIPTION, SCHEDULE_INTERVAL_SECONDS, SCHEDULE_NAME, SERVING_MOUNT,
+                          VERSION_DESCRIPTION, VERSION_NAME, check_host, list_all, read_credentials,
+                          unique_version_name)
 
-PIPELINE_NAME = 'mnist-image-classification-pipeline'
-PIPELINE_DESCRIPTION = 'Pipeline for MNIST Image Classification'
-VERSION_NAME = 'mnist-template'
-VERSION_DESCRIPTION = 'mnist pipeline template'
-EXPERIMENT_NAME = 'MNIST'
-SCHEDULE_NAME = 'mnist-pipeline-schedule'
-SCHEDULE_DESCRIPTION = 'MNIST Image Classification Model Workflow. 1 Weeks'
-SCHEDULE_INTERVAL_SECONDS = 7 * 24 * 60 * 60
 # The steps need only TensorFlow 2.20 (requirements-base.txt pins tensorflow-cpu 2.20.0), its NumPy and the standard
 # library: every step runs in this stock image with nothing installed at run time.
 BASE_IMAGE = 'tensorflow/tensorflow:2.20.0'
-# The public copy of the Keras-layout MNIST npz; an air-gapped cluster points data_url at an internal mirror.
-DEFAULT_DATA_URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz'
 PACKAGE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_pipeline.yaml')
-# Where the promote step mounts the serving_pvc claim; serving_path is a folder inside it. The default is the folder
-# mnist_model/kserve-inferenceservice.yaml serves: the repository checked out as mlops-demo/ on the notebook's volume.
-SERVING_MOUNT = '/mnt/serving'
-DEFAULT_SERVING_PATH = 'mlops-demo/mnist_model'
-# The serving_pvc value of a local run with --serving_dir: any non-empty name turns delivery on, and the local client
-# maps SERVING_MOUNT to the folder instead of mounting a claim.
-LOCAL_CLAIM = 'local-serving-dir'
 COMPILATION_TIME_ANNOTATION = 'pipelines.kubeflow.org/pipeline_compilation_time'
-TOKEN_FILE = '/var/run/secrets/kubeflow/pipelines/token'
+TOKEN_FILE = pipeline_cli.TOKEN_FILE
 POLL_SECONDS = 10
 
 
@@ -311,60 +295,6 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_
     return summary
 
 
-def read_credentials() -> dict:
-    """Session cookie and bearer token for a multi-user Kubeflow, from the environment or the notebook's token file."""
-    cookie = os.environ.get('KF_PIPELINES_COOKIE') or None
-    token = os.environ.get('KF_PIPELINES_TOKEN') or None
-    if token is None and cookie is None and os.path.isfile(TOKEN_FILE):
-        with open(TOKEN_FILE, encoding='utf-8') as token_file:
-            token = token_file.read().strip() or None
-    return {'cookie': cookie, 'token': token}
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):
-        return None
-
-
-def check_host(host: str, credentials: dict, timeout: float = 10.0) -> dict:
-    """Ask the KFP API's healthz endpoint once, so that a wrong URL or refused login is one clear error.
-
-    kfp.Client itself retries healthz for 25 s and then raises a long traceback. Returns the healthz answer
-    (e.g. {"multi_user": true}); raises ConnectionError or PermissionError with a one-line message.
-    """
-    request = urllib.request.Request(host.rstrip('/') + '/apis/v1beta1/healthz')
-    if credentials['cookie']:
-        request.add_header('Cookie', credentials['cookie'])
-    if credentials['token']:
-        request.add_header('Authorization', 'Bearer ' + credentials['token'])
-    login_hint = ('set KF_PIPELINES_COOKIE to your browser\'s Kubeflow session cookie ("authservice_session=..." '
-                  'or "oauth2_proxy_kubeflow=...") or KF_PIPELINES_TOKEN to a bearer token')
-    try:
-        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as error:
-        if error.code in (401, 403):
-            raise PermissionError(f'{host} refused the credentials (HTTP {error.code}): {login_hint}') from None
-        if 300 <= error.code < 400:
-            raise PermissionError(f'{host} redirected to a login page (HTTP {error.code}): {login_hint}') from None
-        raise ConnectionError(f'{host} is not a Kubeflow Pipelines API endpoint (HTTP {error.code} for '
-                              f'/apis/v1beta1/healthz); use e.g. https://<kubeflow host>/pipeline or '
-                              f'http://localhost:8080 (kubectl port-forward svc/ml-pipeline-ui)') from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, 'reason', error)
-        raise ConnectionError(f'cannot reach Kubeflow Pipelines at {host}: {reason}') from None
-    try:
-        healthz = json.loads(body)
-    except ValueError:
-        # Auth proxies in front of Kubeflow answer with an HTML login page instead of the API's JSON.
-        raise PermissionError(f'{host} answered with a web page, not the KFP API (a login page?): '
-                              f'{login_hint}') from None
-    if not isinstance(healthz, dict):
-        raise ConnectionError(f'{host} is not a Kubeflow Pipelines API endpoint (its healthz answer is not a JSON '
-                              f'object)')
-    return healthz
-
-
 def connect(host: str, namespace: str = None, needs_namespace: bool = False) -> 'kfp.Client':
     """A kfp.Client for the host, after checking that it answers and accepts the credentials.
 
@@ -372,7 +302,7 @@ def connect(host: str, namespace: str = None, needs_namespace: bool = False) -> 
     or (as kfp.Client finds it) the notebook pod's service account or ~/.config/kfp/context.json. With
     needs_namespace, ValueError if the cluster is multi-user and no namespace is known.
     """
-    credentials = read_credentials()
+    credentials = read_credentials(TOKEN_FILE)
     healthz = check_host(host, credentials)
     # kfp.Client treats namespace 'kubeflow' as "not given" and then uses ~/.config/kfp/context.json.
     client = kfp.Client(host=host, namespace=namespace or 'kubeflow', cookies=credentials['cookie'],
@@ -383,27 +313,6 @@ def connect(host: str, namespace: str = None, needs_namespace: bool = False) -> 
     return client
 
 
-def _list_all(list_page, items_attribute: str) -> list:
-    """All items of a paginated KFP list call."""
-    items, page_token = [], ''
-    while True:
-        response = list_page(page_token)
-        items.extend(getattr(response, items_attribute) or [])
-        page_token = response.next_page_token
-        if not page_token:
-            return items
-
-
-def unique_version_name(base_name: str, existing_names) -> str:
-    """base_name, or base_name-2, -3, ... : the first one not yet used (KFP rejects duplicate version names)."""
-    existing_names = set(existing_names)
-    name, number = base_name, 1
-    while name in existing_names:
-        number += 1
-        name = f'{base_name}-{number}'
-    return name
-
-
 def upload_pipeline(client, package_path: str, echo=print) -> dict:
     """Upload the package as a new pipeline, or as a new version if the pipeline exists; return its ids."""
     pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
@@ -412,8 +321,8 @@ def upload_pipeline(client, package_path: str, echo=print) -> dict:
         version_id = pipeline.default_version.id if pipeline.default_version else None
         echo(f'Uploaded pipeline {PIPELINE_NAME} (id {pipeline.id})')
         return {'pipeline_id': pipeline.id, 'version_id': version_id}
-    versions = _list_all(lambda token: client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100),
-                         'versions')
+    versions = list_all(lambda token: client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100),
+                        'versions')
     name = unique_version_name(VERSION_NAME, [version.name for version in versions])
     version = client.upload_pipeline_version(package_path, name, pipeline_id=pipeline_id,
                                              description=VERSION_DESCRIPTION)
@@ -446,8 +355,8 @@ def start_run(client, experiment_id: str, pipeline: dict, params: dict) -> 'kfp_
 
 def schedule_pipeline(client, experiment_id: str, pipeline: dict, params: dict, echo=print):
     """Create the weekly recurring run unless one with its name exists in the experiment; return the job."""
-    jobs = _list_all(lambda token: client.list_recurring_runs(page_token=token, page_size=100,
-                                                              experiment_id=experiment_id), 'jobs')
+    jobs = list_all(lambda token: client.list_recurring_runs(page_token=token, page_size=100,
+                                                             experiment_id=experiment_id), 'jobs')
     for job in jobs:
         if job.name == SCHEDULE_NAME:
             echo(f'Recurring run {SCHEDULE_NAME} already exists (id {job.id}); not creating another')
@@ -508,118 +417,23 @@ def run_cluster_actions(host: str, namespace: str, actions: set, params: dict, t
     return 0
 
 
-def _http_url(text: str) -> str:
-    if not re.match(r'^https?://[^/\s]+', text):
-        raise argparse.ArgumentTypeError(f'expected an http:// or https:// URL, got {text!r}')
-    return text
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f'expected a number of seconds > 0, got {text!r}')
-    return value
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description='Compile the MNIST KFP v1 pipeline (default), run it locally, or upload/run/schedule it on a '
-                    'Kubeflow Pipelines cluster.',
-        epilog='Auth for multi-user Kubeflow: KF_PIPELINES_COOKIE="authservice_session=..." or '
-               'KF_PIPELINES_TOKEN=<bearer token>.')
-    parser.add_argument('--package', default=PACKAGE_PATH,
-                        help='where to write the compiled pipeline (default: mnist_pipeline.yaml next to this script)')
-    parser.add_argument('--run-local', '--run_local', dest='run_local', action='store_true',
-                        help='run the pipeline on this machine with kfp LocalClient (no Docker) on --data; the '
-                             'compiled package it runs is written beside its outputs')
-    parser.add_argument('--pipeline_root', '--pipeline-root', default=None,
-                        help='folder for the local run\'s outputs (default: a new temporary folder)')
-    parser.add_argument('--host', type=_http_url,
-                        help='Kubeflow Pipelines API URL, e.g. http://localhost:8080 or https://<kubeflow>/pipeline')
-    parser.add_argument('--namespace', default=None,
-                        help='Kubeflow profile namespace for the experiment, runs and schedule (multi-user)')
-    parser.add_argument('--upload', action='store_true',
-                        help=f'upload pipeline {PIPELINE_NAME}, or a new version {VERSION_NAME} if it exists')
-    parser.add_argument('--run', action='store_true', help=f'start a run in experiment {EXPERIMENT_NAME}')
-    parser.add_argument('--wait', action='store_true', help='with --run: wait for the run, print status and metrics')
-    parser.add_argument('--timeout', type=_positive_seconds, default=3600.0,
-                        help='seconds --wait waits at most (default: %(default)s)')
-    parser.add_argument('--schedule', action='store_true',
-                        help=f'create the weekly recurring run {SCHEDULE_NAME} unless it exists')
-    parser.add_argument('--data_url', default=DEFAULT_DATA_URL,
-                        help='data_url parameter of cluster runs and schedules: a Keras-layout MNIST npz '
-                             '(default: %(default)s)')
-    mnist.add_hyperparameter_arguments(parser)
-    delivery = parser.add_argument_group(
-        'delivery: the promote step copies the new model into a serving folder, under mnist.py\'s promotion rule')
-    delivery.add_argument('--serving_dir', default=None,
-                          help='with --run-local: the serving folder to promote into (default: none, the export '
-                               'stays a run artifact)')
-    delivery.add_argument('--serving_pvc', default='',
-                          help='with --run/--schedule: the PersistentVolumeClaim holding the serving folder, e.g. the '
-                               'notebook\'s workspace-<notebook> (default: \'\' = deliver nothing)')
-    delivery.add_argument('--serving_path', default=DEFAULT_SERVING_PATH,
-                          help='with --serving_pvc: the serving folder inside the claim (default: %(default)s, the '
-                               'folder mnist_model/kserve-inferenceservice.yaml serves)')
-    mnist.add_promotion_arguments(delivery)
+    parser = pipeline_cli.build_parser(
+        'Compile the MNIST KFP v1 pipeline (default), run it locally, or upload/run/schedule it on a Kubeflow '
+        'Pipelines cluster.', PACKAGE_PATH, 'kfp LocalClient')
     args = parser.parse_args(argv)
-    cluster_action = args.upload or args.run or args.schedule
-    if args.host and not cluster_action:
-        parser.error('--host needs at least one of --upload, --run, --schedule')
-    if cluster_action and not args.host:
-        parser.error('--upload, --run and --schedule need --host')
-    if args.wait and not args.run:
-        parser.error('--wait needs --run')
-    if args.run_local and args.host:
-        parser.error('--run-local and --host cannot be combined')
-    # Every flag given must take effect: refuse the ones the chosen mode would silently ignore.
-    if args.pipeline_root is not None and not args.run_local:
-        parser.error('--pipeline_root is for --run-local')
-    if args.namespace is not None and not cluster_action:
-        parser.error('--namespace is for --upload, --run and --schedule')
-    if args.timeout != parser.get_default('timeout') and not args.wait:
-        parser.error('--timeout is for --wait')
-    if args.package != PACKAGE_PATH and (args.run_local or cluster_action):
-        parser.error('--package is for compiling only (--upload compiles a fresh copy itself)')
-    if args.data != mnist.DEFAULT_DATA and not args.run_local:
-        parser.error('--data is for --run-local; cluster runs read --data_url (a URL the cluster can reach)')
-    if args.data_url != DEFAULT_DATA_URL and not (args.run or args.schedule):
-        parser.error('--data_url is for --run and --schedule; --run-local reads --data')
-    hparams = mnist.hyperparameters_from(args)
-    if hparams != mnist.HYPERPARAMETER_DEFAULTS and not (args.run_local or args.run or args.schedule):
-        parser.error('hyperparameters are for --run-local, --run and --schedule (the compiled pipeline keeps '
-                     'the defaults; its parameters are set per run)')
-    if args.serving_dir is not None and not args.run_local:
-        parser.error('--serving_dir is for --run-local; cluster runs deliver to --serving_pvc')
-    if (args.serving_pvc or args.serving_path != DEFAULT_SERVING_PATH) and not (args.run or args.schedule):
-        parser.error('--serving_pvc and --serving_path are for --run and --schedule; --run-local delivers to '
-                     '--serving_dir')
-    if args.serving_path != DEFAULT_SERVING_PATH and not args.serving_pvc:
-        parser.error('--serving_path needs --serving_pvc (the claim it is a folder of)')
-    rule = mnist.promotion_rule_from(args)
-    if rule != mnist.PROMOTION_DEFAULTS and not (args.serving_dir or args.serving_pvc):
-        parser.error('--min_accuracy, --min_improvement and --force_export apply to a delivery: give --serving_dir '
-                     '(--run-local) or --serving_pvc (--run, --schedule)')
-    try:
+    hparams, rule = pipeline_cli.check_arguments(parser, args, PACKAGE_PATH)
+
+    def act():
         if args.run_local:
             return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
-        if cluster_action:
-            actions = {name for name in ('upload', 'run', 'schedule', 'wait') if getattr(args, name)}
-            params = dict(hparams, data_url=args.data_url, serving_pvc=args.serving_pvc,
-                          serving_path=args.serving_path, **rule)
-            return run_cluster_actions(args.host, args.namespace, actions, params, args.timeout)
+        if args.upload or args.run or args.schedule:
+            return run_cluster_actions(args.host, args.namespace, pipeline_cli.cluster_actions(args),
+                                       pipeline_cli.run_parameters(args, hparams, rule), args.timeout)
         print(f'Compiled {compile_pipeline(args.package)}')
         return 0
-    except kfp_server_api.ApiException as error:
-        print(f'mnist_pipeline.py: error: {_describe_api_error(error)}', file=sys.stderr)
-    except urllib3.exceptions.HTTPError as error:
-        print(f'mnist_pipeline.py: error: lost the connection to {args.host}: {error}', file=sys.stderr)
-    except (OSError, ValueError, LookupError, RuntimeError, TimeoutError) as error:
-        print(f'mnist_pipeline.py: error: {error}', file=sys.stderr)
-    return 1
+
+    return pipeline_cli.report_errors('mnist_pipeline.py', args.host, act)
 
 
 def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
@@ -627,27 +441,9 @@ def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: 
     data = os.path.abspath(data) if '://' not in data else data
     started = time.monotonic()
     result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
-    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
-    for name, path in result['outputs'].items():
-        print(f'  {name:24s}{path}')
-    if result['model_version']:
-        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
-    print(mnist.format_metrics(result['accuracy'], result['loss']))
+    pipeline_cli.print_local_run(result, serving_dir, time.monotonic() - started)
     return 0
 
-
-def _describe_api_error(error) -> str:
-    """One line for an error answer of the KFP API."""
-    message = (error.reason or '').strip()
-    try:
-        body = json.loads(error.body or '{}')
-        message = body.get('error') or body.get('message') or message
-    except (TypeError, ValueError):
-        pass
-    if error.status in (401, 403):
-        return (f'Kubeflow Pipelines refused the request (HTTP {error.status}): {message}; '
-                f'check KF_PIPELINES_COOKIE / KF_PIPELINES_TOKEN and --namespace')
-    return f'Kubeflow Pipelines API error (HTTP {error.status}): {message.splitlines()[0] if message else ""}'
 
 if __name__ == '__main__':
     sys.exit(main())
