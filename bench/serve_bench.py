@@ -5,8 +5,9 @@ which must hold an exported version: run `python3 mnist_model/mnist.py` first), 
 test image each from --clients threads (one kept-alive connection each), twice per run: as fast as the clients can
 (the throughput), and paced to --rate requests/s in total (the latency at that load; when every client is always
 waiting, p50 is just clients / throughput; --rate 0 skips these runs). Prints the medians over --runs of p50/p99
-latency, requests per second and errors, the served predictions' accuracy, the server's RSS before and after, and the
-latency of one --batch-image request. --server_args passes flags to the server, e.g. "--enable_batching=false".
+latency, requests per second and errors, the server's CPU time per request (which other load on the machine changes
+far less than the throughput), the served predictions' accuracy, the server's RSS before and after, and the latency of
+one --batch-image request. --server_args passes flags to the server, e.g. "--enable_batching=false".
 The clients run in this process, on the same cores as the server. Targets on the 2-core reference machine:
 >= 1500 requests/s and p99 <= 20 ms with 8 clients, p50 <= 5 ms at 300 requests/s, 0 errors, RSS growth < 50 MB.
 
@@ -45,6 +46,17 @@ def rss_megabytes(pid):
     except OSError:
         return None
     return None
+
+
+def cpu_seconds(pid):
+    """User and system CPU seconds a process has used, from /proc (Linux); None elsewhere. Unlike requests/s, the
+    CPU a request costs the server changes little when other programs load the machine."""
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            fields = stat.read().rsplit(')', 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def encode_requests(images):
@@ -124,8 +136,9 @@ def summarize(latencies, errors, correct, seconds):
 
 
 def describe(result):
+    cpu = f', server CPU {result["cpu_ms"]:.3f} ms/request' if result.get('cpu_ms') is not None else ''
     return (f'p50 {result["p50"]:.2f} ms, p99 {result["p99"]:.2f} ms, {result["rps"]:.0f} requests/s, '
-            f'{result["errors"]} errors, accuracy {result["accuracy"]:.4f}')
+            f'{result["errors"]} errors, accuracy {result["accuracy"]:.4f}{cpu}')
 
 
 def main():
@@ -166,7 +179,10 @@ def main():
         rss_before = rss_megabytes(process.pid)
         saturated, paced = [], []
         for run in range(args.runs):
+            cpu_before = cpu_seconds(process.pid)
             saturated.append(summarize(*send_all(port, bodies, expected, args.clients)))
+            cpu_after = cpu_seconds(process.pid)
+            saturated[-1]['cpu_ms'] = None if cpu_before is None else (cpu_after - cpu_before) * 1000 / len(bodies)
             print(f'run {run + 1}, as fast as possible: {describe(saturated[-1])}')
             if args.rate:
                 paced.append(summarize(*send_all(port, bodies, expected, args.clients, rate=args.rate)))
@@ -185,6 +201,8 @@ def main():
     print(f'  as fast as possible: {median(saturated, "rps"):.0f} requests/s (target >= 1500 with 8 clients), '
           f'p50 {median(saturated, "p50"):.2f} ms, p99 {median(saturated, "p99"):.2f} ms (target <= 20) '
           f'(every client always waiting, so p50 is about {args.clients} / throughput)')
+    if saturated[0].get('cpu_ms') is not None:
+        print(f'  server CPU {median(saturated, "cpu_ms"):.3f} ms per request (user + system, all its threads)')
     if paced:
         print(f'  at {args.rate} requests/s offered: p50 {median(paced, "p50"):.2f} ms (target <= 5), '
               f'p99 {median(paced, "p99"):.2f} ms')

@@ -50,7 +50,7 @@ import zlib
 
 from serving_batching import Batcher, DirectRunner
 from serving_config import BatchingParameters, ConfigError, read_batching_parameters, read_monitoring_config
-from serving_http import TRUNCATED, HttpLimits, listen, printable, serve_app
+from serving_http import IN_FLIGHT, TRUNCATED, HttpLimits, listen, printable, serve_app
 from serving_json import RequestError, encode_predict_reply, parse_json, read_predict_request
 from serving_log import StderrPump, log_line
 from serving_versions import ModelRepository, list_versions
@@ -65,6 +65,8 @@ DRAW_PAGE_HEADERS = [(b'content-security-policy', b"default-src 'none'; script-s
                      (b'cache-control', b'no-cache')]
 # Threads that answer requests (a predict waits in one for its batch); more requests in flight wait for a free one.
 REQUEST_THREADS = 64
+# A request alone in the server with a body up to this size is answered in the event loop (a 784-pixel row is 3 KB).
+INLINE_BODY_BYTES = 64 * 1024
 # A gzip body is read in pieces this large, so that each member's leftover input (which zlib copies) stays small
 # and many small members cost time in proportion to their bytes; and it may hold at most this many members.
 GZIP_PIECE_BYTES = 4096
@@ -249,8 +251,9 @@ class ClientGone(Exception):
 
 class RestApp:
     """TF Serving's REST API as an ASGI application. The body is read in the event loop; everything else (gunzip,
-    JSON, the signature call, the reply's JSON) runs in a thread of `pool`, so a slow request never holds up the
-    others, and concurrent predicts can meet in one batch."""
+    JSON, the signature call, the reply's JSON) runs in a thread of `pool` whenever another request is in flight, so
+    that concurrent predicts meet in one batch and none waits for another's work. A lone request with a small body
+    is answered in the event loop itself: a request arriving meanwhile waits for that one predict at most."""
 
     def __init__(self, settings, repository, runner, metrics, pool):
         self.settings = settings
@@ -261,6 +264,8 @@ class RestApp:
         # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
         # GET.
         self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
+        # A batch that waits for more requests must not wait in the event loop, which they would have to pass.
+        self.answer_inline = settings.batching is None or settings.batching.batch_timeout_micros == 0
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
@@ -268,8 +273,8 @@ class RestApp:
         started = time.perf_counter()
         method = scope['method']
         query = scope['query_string']
-        # llhttp lets only visible ASCII through in the target, so this decoding cannot fail.
-        path = scope['raw_path'].decode('ascii') + ('?' + query.decode('ascii') if query else '')
+        # The target as sent (llhttp refuses control bytes in it); printable() escapes anything else in log lines.
+        path = scope['raw_path'].decode('latin-1') + ('?' + query.decode('latin-1') if query else '')
         head = read_head(scope['headers'])
         exchange = Exchange()
         self.label(exchange, method, path)
@@ -281,8 +286,12 @@ class RestApp:
         except ClientGone:
             return
         else:
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.answer, exchange, method, path,
-                                                             body, head)
+            if self.answer_inline and len(body) <= INLINE_BODY_BYTES and len(scope.get(IN_FLIGHT, ())) <= 1:
+                # The only request in flight: answered in the event loop, which saves two thread hand-overs.
+                self.answer(exchange, method, path, body, head)
+            else:
+                await asyncio.get_running_loop().run_in_executor(self.pool, self.answer, exchange, method, path,
+                                                                 body, head)
         headers = [(b'content-type', exchange.content_type.encode()),
                    (b'content-length', str(len(exchange.payload)).encode()), *exchange.headers]
         if exchange.close:

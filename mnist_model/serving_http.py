@@ -27,7 +27,6 @@ Example:
     serve_app(app, sock, HttpLimits())        # returns after SIGINT or SIGTERM
 """
 
-import asyncio
 import contextlib
 import email.utils
 import json
@@ -52,6 +51,8 @@ LINGER_IDLE_SECONDS = 1
 SERVER_NAME = 'mnist-model-server'
 # Set in an HTTP scope when the client ended its side of the connection before the end of the request's body.
 TRUNCATED = 'mnist_model.truncated'
+# Set in every HTTP scope: the set of requests in flight (asyncio tasks), so the application can tell a lone one.
+IN_FLIGHT = 'mnist_model.in_flight'
 # The reason phrases of the statuses this layer answers on its own.
 REASONS = {400: 'Bad Request', 408: 'Request Timeout', 431: 'Request Header Fields Too Large',
            503: 'Service Unavailable'}
@@ -192,6 +193,7 @@ class ModelServerProtocol(HttpToolsProtocol):
     def on_headers_complete(self):
         self.head_done = True
         self.set_timer(self.limits.body_timeout_seconds, self.body_timed_out)
+        self.scope[IN_FLIGHT] = self.tasks
         super().on_headers_complete()
 
     def on_body(self, body):
@@ -206,8 +208,10 @@ class ModelServerProtocol(HttpToolsProtocol):
 
     def on_response_complete(self):
         super().on_response_complete()
-        # uvicorn armed its keep-alive timer; the head timer starts with the next request's first byte.
-        self.request_bytes_seen = False
+        # uvicorn armed its keep-alive timer; the head timer starts with the next request's first byte (unless a
+        # pipelined request has begun already).
+        if self.message_done:
+            self.request_bytes_seen = False
 
     # Connection events.
 
@@ -221,7 +225,10 @@ class ModelServerProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self.refuse(400, 'protocol upgrades are not supported')
+            # An Upgrade header (h2c, websocket) is ignored as HTTP/1.1 allows: the request is answered, and as
+            # the parser reads nothing after it, the connection closes then.
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
         except httptools.HttpParserError as error:
             if isinstance(error.__context__, HeadTooLarge):
                 self.refuse(431, f'the request head is over {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} lines')
@@ -380,8 +387,8 @@ def serve_app(app, sock, limits, on_bad_request=None, on_stopping=None):
     logger.handlers = [UvicornLogHandler()]
     logger.setLevel(logging.WARNING)
     logger.propagate = False
-    config = uvicorn.Config(app, http=protocol, loop='asyncio', lifespan='off', log_config=None, access_log=False,
-                            server_header=False, headers=[('server', SERVER_NAME)], backlog=BACKLOG,
+    config = uvicorn.Config(app, http=protocol, loop='asyncio', ws='none', lifespan='off', log_config=None,
+                            access_log=False, server_header=False, headers=[('server', SERVER_NAME)], backlog=BACKLOG,
                             timeout_keep_alive=limits.keep_alive_seconds,
                             timeout_graceful_shutdown=limits.shutdown_grace_seconds)
     server = Server(config)

@@ -223,6 +223,13 @@ def test_bad_input_gets_400_never_500(server):
     with connect(port) as connection:
         connection.sendall('GET /v1/models/mnist/versions/\u00b2 HTTP/1.1\r\n\r\n'.encode('utf-8'))
         assert read_reply(connection)[0].startswith('HTTP/1.1 400')
+    # Bytes that are not ASCII in the query, and an Upgrade header (h2c), are no reason for an error.
+    with connect(port) as connection:
+        connection.sendall(b'GET /v1/models/mnist?name=\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert read_reply(connection)[0].split()[1] in ('200', '400')
+    reply = requests.get(server['url'], headers={'Connection': 'Upgrade, HTTP2-Settings', 'Upgrade': 'h2c',
+                                                 'HTTP2-Settings': 'AAMAAABkAARAAAAAAAIAAAAA'}, timeout=10)
+    assert reply.status_code == 200
     reply = requests.get(server['url'] + '/versions/%C2%B2', timeout=10)
     assert reply.status_code == 400 and 'integer' in reply.json()['error']
     # A Content-Length that is not a number, also when the client waits for 100 Continue.
