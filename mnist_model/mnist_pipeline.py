@@ -254,8 +254,10 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_
     with open(wrapper_path, 'w', encoding='utf-8') as wrapper:
         wrapper.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     os.chmod(wrapper_path, 0o755)
-    saved_environment = {name: os.environ.get(name) for name in ('PATH', 'TF_CPP_MIN_LOG_LEVEL')}
+    saved_environment = {name: os.environ.get(name) for name in ('PATH', 'TF_CPP_MIN_LOG_LEVEL', 'TMPDIR')}
     os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')
+    # Each step's `mktemp` program file and TensorFlow's generated code go there too, and are removed with it.
+    os.environ['TMPDIR'] = bin_dir
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     step_log = _StepLog(echo)
     root_logger = logging.getLogger()
@@ -533,7 +535,10 @@ def main(argv=None) -> int:
                         help='run the pipeline on this machine with kfp LocalClient (no Docker) on --data; the '
                              'compiled package it runs is written beside its outputs')
     parser.add_argument('--pipeline_root', '--pipeline-root', default=None,
-                        help='folder for the local run\'s outputs (default: a new temporary folder)')
+                        help='folder for the local run\'s outputs, kept (default: a new temporary folder, removed '
+                             'when the run ends)')
+    parser.add_argument('--keep_pipeline_root', action='store_true',
+                        help='with --run-local and no --pipeline_root: keep the temporary folder, for debugging')
     parser.add_argument('--host', type=_http_url,
                         help='Kubeflow Pipelines API URL, e.g. http://localhost:8080 or https://<kubeflow>/pipeline')
     parser.add_argument('--namespace', default=None,
@@ -575,6 +580,8 @@ def main(argv=None) -> int:
     # Every flag given must take effect: refuse the ones the chosen mode would silently ignore.
     if args.pipeline_root is not None and not args.run_local:
         parser.error('--pipeline_root is for --run-local')
+    if args.keep_pipeline_root and (not args.run_local or args.pipeline_root is not None):
+        parser.error('--keep_pipeline_root is for --run-local without --pipeline_root (that folder is always kept)')
     if args.namespace is not None and not cluster_action:
         parser.error('--namespace is for --upload, --run and --schedule')
     if args.timeout != parser.get_default('timeout') and not args.wait:
@@ -602,7 +609,8 @@ def main(argv=None) -> int:
                      '(--run-local) or --serving_pvc (--run, --schedule)')
     try:
         if args.run_local:
-            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
+            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule,
+                                    args.keep_pipeline_root)
         if cluster_action:
             actions = {name for name in ('upload', 'run', 'schedule', 'wait') if getattr(args, name)}
             params = dict(hparams, data_url=args.data_url, serving_pvc=args.serving_pvc,
@@ -619,14 +627,24 @@ def main(argv=None) -> int:
     return 1
 
 
-def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
+def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict,
+                     keep_pipeline_root: bool = False) -> int:
+    temporary = pipeline_root is None and not keep_pipeline_root
     pipeline_root = pipeline_root or tempfile.mkdtemp(prefix='mnist-pipeline-')
     data = os.path.abspath(data) if '://' not in data else data
     started = time.monotonic()
-    result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
-    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s; outputs:')
-    for name, path in result['outputs'].items():
-        print(f'  {name:24s}{path}')
+    try:
+        result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
+    finally:
+        if temporary:
+            shutil.rmtree(pipeline_root, ignore_errors=True)
+    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s of wall time.')
+    if temporary:
+        print(f'Outputs were in the temporary folder {pipeline_root}, removed now (--keep_pipeline_root keeps it).')
+    else:
+        print(f'Outputs, kept in {pipeline_root}:')
+        for name, path in result['outputs'].items():
+            print(f'  {name:24s}{path}')
     if result['model_version']:
         print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
     print(mnist.format_metrics(result['accuracy'], result['loss']))
