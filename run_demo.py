@@ -3,8 +3,8 @@
 The stages follow the demo's order, each one the repository's own command line in a process of its own:
 train (the notebook's first `python3 mnist.py`) -> pipeline (the weekly pipeline run on a short budget, a quarter of
 the training steps: compiled, run with kfp's LocalClient and delivered under the promotion rule, which declines its
-worse model and keeps the served version) -> tune (the local tuner) -> retrain (with the best trial's values: served only if better)
--> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless, and the ten test
+worse model and keeps the served version) -> tune (the local tuner) -> retrain (with the best trial's values: served
+only if better) -> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless, and the ten test
 PNGs sent to predict_image) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
 report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
 
@@ -217,11 +217,12 @@ class Demo:
             if entry['decision'] == 'not promoted' and baseline:
                 entry.update(baseline_accuracy=float(baseline.group(1)), baseline_version=int(baseline.group(2)),
                              override=OVERRIDE_FLAG)
-                unchanged = 'still served' if served_after == served_before else \
-                    f'NOT served any more: version {served_after} is'
+                # Another process may have promoted meanwhile: say what is served, not what should be.
+                served = f'version {served_after} is still served' if served_after == served_before else \
+                    f'version {served_after} is served now'
                 self.echo(f'  [{name}] declined: its model scored {entry["accuracy"]:.4f}, below the '
-                          f'{entry["baseline_accuracy"]:.4f} of version {entry["baseline_version"]}; version '
-                          f'{served_before} is {unchanged}. {OVERRIDE_FLAG} would have exported it anyway.')
+                          f'{entry["baseline_accuracy"]:.4f} of version {entry["baseline_version"]}; {served}. '
+                          f'{OVERRIDE_FLAG} would have exported it anyway.')
 
     # ------------------------------------------------------------------------------------------------ the stages
 
@@ -256,8 +257,9 @@ class Demo:
         # The local run compiles the pipeline first: the package it runs lands in <pipeline_root>/mnist_pipeline.yaml.
         steps = SHORT_BUDGET_STEPS[self.summary['mode']]
         served_before = self.served_version()
+        against = f'whether it replaces version {served_before}' if served_before else 'whether it is served'
         self.echo(f'  [pipeline] the weekly run, on a short budget: --epoch={steps}, a quarter of the first '
-                  f'training\'s steps; the promotion rule decides whether it replaces version {served_before}')
+                  f'training\'s steps; the promotion rule decides {against}')
         output = self.run_command('pipeline', [
             'python3', PIPELINE_PY, '--run-local', *self.data_flags, f'--epoch={steps}',
             f'--pipeline_root={display_path(os.path.join(self.report_dir, "pipeline"))}',
