@@ -164,7 +164,8 @@ def tuning_section(tuning):
     rows, classes = [], []
     for rank, trial in enumerate(trials, 1):
         succeeded = trial['status'] == 'succeeded'
-        rows.append([str(rank), f'<span class="word">{escape(trial["trial"])}</span>', f'{trial["accuracy"]:.4f}' if succeeded else '-',
+        name = f'<span class="word">{escape(trial["trial"])}</span>'
+        rows.append([str(rank), name, f'{trial["accuracy"]:.4f}' if succeeded else '-',
                      f'{trial["loss"]:.4f}' if succeeded else '-'] +
                     [escape(trial[name]) for name in HYPERPARAMETERS] +
                     [f'{trial["seconds"]:.0f}' if trial.get('seconds') is not None else '-', badge(trial['status'])])

@@ -4,12 +4,12 @@ The stages follow the demo's order, each one the repository's own command line i
 train (the notebook's first `python3 mnist.py`) -> pipeline (the weekly pipeline run on a short budget, a quarter of
 the training steps: compiled, run with kfp's LocalClient and delivered under the promotion rule, which declines its
 worse model and keeps the served version) -> tune (the local tuner) -> retrain (with the best trial's values: served
-only if better) -> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless, and the ten test
-PNGs sent to predict_image) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
+only if better) -> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless,
+and the ten test PNGs sent to predict_image) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
 report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
 
-    python3 run_demo.py                  # the whole demo on the full data: about 3 minutes on 2 cores
-    python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): under a minute
+    python3 run_demo.py                  # the whole demo on the full data: about 2 minutes on 2 cores
+    python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): about a minute
 
 It prints a line when each stage starts and ends, the stages' own progress, and where the report is:
 demo-report/<UTC date-time>/report.html (one self-contained page), summary.json (the same numbers) and logs/<stage>.log.
