@@ -60,7 +60,9 @@ STAGES = (
      'open model_serve.ipynb in the Kubeflow notebook, set URL to the InferenceService\'s :predict URL, run all'),
     ('stop', 'Stop serving', 'kubectl delete inferenceservice mnist-model-server -n <namespace>'),
 )
-QUIET_SECONDS = 10  # Longest silence before a "still running" line.
+# Longest silence before a "still running" line: a little over the tuner's own 10 s, so that its progress lines
+# are not doubled by ours.
+QUIET_SECONDS = 11
 # Training steps of the pipeline stage, a quarter of the first training's (mnist.py's default 2000, or 100 with
 # --quick): the weekly run squeezed into a short slot. Its model is worse than the one served (0.95 against 0.97 on
 # the full data, 0.77 against 0.87 quick), so the audience sees the promotion rule decline it.
