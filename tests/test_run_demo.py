@@ -26,9 +26,9 @@ RUN_DEMO = os.path.join(REPO, 'run_demo.py')
 STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'stop']
 
 
-def start_demo(*args):
+def start_demo(*args, environment=None):
     return subprocess.Popen([sys.executable, RUN_DEMO, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, env={**os.environ, **(environment or {})})
 
 
 def page_text(page):
@@ -52,9 +52,10 @@ def processes_mentioning(text):
 
 @pytest.fixture(scope='module')
 def quick_demo(tmp_path_factory):
-    """One `run_demo.py --quick` with the time of every line it printed."""
+    """One `run_demo.py --quick` with the time of every line it printed, and a temporary folder of its own."""
     report_dir = str(tmp_path_factory.mktemp('demo') / 'report')
-    process = start_demo('--quick', '--output', report_dir)
+    temporary = str(tmp_path_factory.mktemp('tmp'))
+    process = start_demo('--quick', '--output', report_dir, environment={'TMPDIR': temporary})
     lines, started = [], time.monotonic()
     for line in process.stdout:
         lines.append((time.monotonic() - started, line.rstrip('\n')))
@@ -64,7 +65,7 @@ def quick_demo(tmp_path_factory):
     with open(os.path.join(report_dir, 'report.html'), encoding='utf-8') as report_file:
         page = report_file.read()
     return {'code': code, 'lines': lines, 'text': '\n'.join(line for _, line in lines), 'dir': report_dir,
-            'summary': summary, 'page': page}
+            'summary': summary, 'page': page, 'temporary': temporary}
 
 
 def test_every_stage_succeeds_and_prints_its_start_and_end(quick_demo):
@@ -222,8 +223,10 @@ def test_the_chart_legend_covers_no_bar_or_value():
         plt.close(figure)
 
 
-def test_no_process_is_left_running(quick_demo):
+def test_no_process_is_left_running_and_no_temporary_file(quick_demo):
     assert processes_mentioning(quick_demo['dir']) == []
+    # The local pipeline run's folder and program files included.
+    assert os.listdir(quick_demo['temporary']) == []
     with pytest.raises(ProcessLookupError):
         os.kill(quick_demo['summary']['served']['pid'], 0)
 
