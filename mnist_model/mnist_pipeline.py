@@ -646,7 +646,8 @@ def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: 
         for name, path in result['outputs'].items():
             print(f'  {name:24s}{path}')
     if result['model_version']:
-        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
+        served = os.path.join(os.path.abspath(serving_dir), str(result['model_version']))
+        print(f'Served as {served}.' if temporary else f'  {"served version":24s}{served}')
     print(mnist.format_metrics(result['accuracy'], result['loss']))
     return 0
 
