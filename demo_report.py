@@ -72,7 +72,7 @@ def stages_table(stages):
                     f'<tr><td></td><td colspan="4">by hand: {by_hand}on a Kubeflow cluster: '
                     f'{command_block(stage["cluster_command"])}</td></tr>')
     # Fixed column widths: a long command scrolls inside its cell instead of widening the page.
-    columns = ''.join(f'<col style="width: {width}">' for width in ('2.5rem', 'auto', '8rem', '7.5rem', '9rem'))
+    columns = ''.join(f'<col style="width: {width}">' for width in ('2.5rem', 'auto', '8rem', '7.5rem', '10.5rem'))
     head = '<tr><th>#</th><th>stage</th><th>status</th><th>wall time (s)</th><th>log</th></tr>'
     return f'<table class="stages"><colgroup>{columns}</colgroup>{head}{"".join(rows)}</table>'
 
