@@ -26,6 +26,11 @@ def escape(value):
     return html.escape(str(value))
 
 
+def words(value):
+    """Escaped text whose lines may wrap at its spaces only: each word (a flag, a path, a name) stays whole."""
+    return ' '.join(f'<span class="word">{escape(word)}</span>' if word else '' for word in str(value).split(' '))
+
+
 def table(headers, rows, row_classes=None, table_class=''):
     """An HTML table; cells are HTML already (escape text before), numbers are right-aligned."""
     head = ''.join(f'<th>{escape(header)}</th>' for header in headers)
@@ -44,7 +49,12 @@ def badge(text):
 
 
 def code(text):
-    return f'<code>{escape(text)}</code>'
+    return f'<code class="words">{words(text)}</code>'
+
+
+def command_block(text):
+    """A command on a line of its own: it wraps at spaces, and a word wider than the cell scrolls inside it."""
+    return f'<div class="command">{code(text)}</div>'
 
 
 def stages_table(stages):
@@ -53,16 +63,35 @@ def stages_table(stages):
     for number, stage in enumerate(stages, 1):
         status = badge(stage['status'])
         if stage.get('error'):
-            status += f' {escape(stage["error"])}'
+            status += f' {words(stage["error"])}'
         seconds = f'{stage["seconds"]:.1f}' if stage['seconds'] is not None else '-'
         log = f'<a href="{escape(stage["log"])}">{escape(stage["log"])}</a>' if stage['commands'] else '-'
-        by_hand = '<br>'.join(code(command) for command in stage['commands']) or '-'
+        by_hand = ''.join(command_block(command) for command in stage['commands']) or '-'
         rows.append(f'<tr class="stage"><td>{number}</td><td><b>{escape(stage["title"])}</b></td><td>{status}</td>'
-                    f'<td class="number">{seconds}</td><td>{log}</td></tr>'
-                    f'<tr><td></td><td colspan="4">by hand: {by_hand}<br>on a Kubeflow cluster: '
-                    f'{code(stage["cluster_command"])}</td></tr>')
-    head = '<tr><th>#</th><th>stage</th><th>status</th><th>seconds</th><th>log</th></tr>'
-    return f'<table class="stages">{head}{"".join(rows)}</table>'
+                    f'<td class="number">{seconds}</td><td class="name">{log}</td></tr>'
+                    f'<tr><td></td><td colspan="4">by hand: {by_hand}on a Kubeflow cluster: '
+                    f'{command_block(stage["cluster_command"])}</td></tr>')
+    # Fixed column widths: a long command scrolls inside its cell instead of widening the page.
+    columns = ''.join(f'<col style="width: {width}">' for width in ('2.5rem', 'auto', '8rem', '7.5rem', '10.5rem'))
+    head = '<tr><th>#</th><th>stage</th><th>status</th><th>wall time (s)</th><th>log</th></tr>'
+    return f'<table class="stages"><colgroup>{columns}</colgroup>{head}{"".join(rows)}</table>'
+
+
+def declined_notes(versions):
+    """A line per candidate the promotion rule refused: both accuracies, the version still served, the override."""
+    notes = []
+    for entry in versions:
+        if entry['decision'] != 'not promoted' or 'baseline_accuracy' not in entry:
+            continue
+        kept = entry.get('served_after')
+        still = (f'Version <b>{kept}</b> is still the one served' if kept == entry.get('served_before')
+                 else f'Version <b>{kept}</b> is served now')
+        notes.append(f'<p class="declined-note"><b>The promotion rule said no</b> to the '
+                     f'{escape(SOURCES.get(entry["source"], entry["source"]))}: its model scored test accuracy '
+                     f'<b>{entry["accuracy"]:.4f}</b>, below the <b>{entry["baseline_accuracy"]:.4f}</b> of version '
+                     f'{entry["baseline_version"]}. {still}; {code(entry.get("override", "--force_export"))} would '
+                     f'have exported it anyway.</p>')
+    return ''.join(notes)
 
 
 def versions_table(versions, served):
@@ -73,22 +102,38 @@ def versions_table(versions, served):
         version = str(entry['version']) if entry['version'] else 'not promoted'
         if served and entry['version'] == served.get('version'):
             version += ' (served)'
-        rows.append([escape(version), f'{entry["accuracy"]:.4f}', escape(SOURCES.get(entry['source'], entry['source'])),
+        baseline = '-' if entry.get('served_before') is None else f'version {entry["served_before"]}'
+        rows.append([f'<span class="word">{escape(version)}</span>', f'{entry["accuracy"]:.4f}', escape(baseline),
+                     escape(SOURCES.get(entry['source'], entry['source'])),
                      badge({'not promoted': 'declined'}.get(entry['decision'], entry['decision'])),
-                     escape(entry['message'])])
-        classes.append('best' if served and entry['version'] == served.get('version') else '')
-    return table(['version', 'test accuracy', 'from', 'decision', 'what the promote step said'], rows, classes)
+                     words(entry['message'])])
+        classes.append('best' if served and entry['version'] == served.get('version') else
+                       'declined-row' if entry['decision'] == 'not promoted' else '')
+    return declined_notes(versions) + table(
+        ['version', 'test accuracy', 'served before', 'from', 'decision', 'what the promote step said'], rows, classes)
 
 
 @functools.lru_cache(maxsize=4)
 def accuracy_chart(trials_json, goal, best):
-    """A bar chart of the test accuracy of each trial (given as JSON, so that run_demo.py's report after every stage
-    draws it once), with the goal line; returns PNG bytes."""
+    """The chart of draw_accuracy_chart for trials given as JSON (so that a report written after every stage draws
+    it once), as PNG bytes."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_accuracy_chart(json.loads(trials_json), goal, best)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format='png')
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def draw_accuracy_chart(trials, goal, best):
+    """A matplotlib figure: a bar of the test accuracy of each succeeded trial (the best one green) with its value,
+    and the goal as a dashed line named in a legend beside the axes, where it cannot cover a bar."""
     import matplotlib
     matplotlib.use('Agg')  # No screen: draw into memory.
     import matplotlib.pyplot as plt
 
-    succeeded = [trial for trial in json.loads(trials_json) if trial['status'] == 'succeeded']
+    succeeded = [trial for trial in trials if trial['status'] == 'succeeded']
     names = [trial['trial'] for trial in succeeded]
     accuracies = [trial['accuracy'] for trial in succeeded]
     figure, axes = plt.subplots(figsize=(7.5, 3.2), dpi=100)
@@ -101,12 +146,9 @@ def accuracy_chart(trials_json, goal, best):
     axes.set_ylim(max(0.0, low - (1 - low) * 0.6), 1.0)
     axes.set_ylabel('test accuracy')
     axes.set_title('Test accuracy per trial (best in green)')
-    axes.legend(loc='lower right')
+    axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format='png')
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure
 
 
 def png_image(png_bytes_or_base64, alt, css_class='figure'):
@@ -122,16 +164,19 @@ def tuning_section(tuning):
     rows, classes = [], []
     for rank, trial in enumerate(trials, 1):
         succeeded = trial['status'] == 'succeeded'
-        rows.append([str(rank), escape(trial['trial']), f'{trial["accuracy"]:.4f}' if succeeded else '-',
+        name = f'<span class="word">{escape(trial["trial"])}</span>'
+        rows.append([str(rank), name, f'{trial["accuracy"]:.4f}' if succeeded else '-',
                      f'{trial["loss"]:.4f}' if succeeded else '-'] +
                     [escape(trial[name]) for name in HYPERPARAMETERS] +
                     [f'{trial["seconds"]:.0f}' if trial.get('seconds') is not None else '-', badge(trial['status'])])
         classes.append('best' if trial['trial'] == tuning['best'] else '')
-    leaderboard = table(['rank', 'trial', 'accuracy', 'loss', *HYPERPARAMETERS, 'seconds', 'status'], rows, classes)
+    leaderboard = table(['rank', 'trial', 'accuracy', 'loss', *HYPERPARAMETERS, 'wall time (s)', 'status'], rows,
+                        classes)
     chart = png_image(accuracy_chart(json.dumps(tuning['trials']), tuning['goal'], tuning['best']),
                       'Test accuracy per trial')
-    return (f'<p class="note">Local tuner, results in <code>{escape(tuning["results"])}</code>; the goal '
-            f'(Katib\'s objective) is test accuracy {tuning["goal"]}.</p>{leaderboard}{chart}')
+    # A table wider than the page scrolls sideways rather than breaking its names.
+    return (f'<p class="note">Local tuner, results in {code(tuning["results"])}; the goal (Katib\'s objective) is '
+            f'test accuracy {tuning["goal"]}.</p><div class="scroll">{leaderboard}</div>{chart}')
 
 
 def confusion_table(confusion):
@@ -160,10 +205,10 @@ def served_section(served):
     if not served or 'accuracy' not in served:
         return '<p class="note">Not served.</p>'
     hyperparameters = ' '.join(f'--{name}={served["hyperparameters"][name]}' for name in HYPERPARAMETERS)
-    return (f'<p>Version <b>{served["version"]}</b> answered at <code>{escape(served["url"])}</code>: test accuracy '
+    return (f'<p>Version <b>{served["version"]}</b> answered at {code(served["url"])}: test accuracy '
             f'<b>{served["accuracy"]:.4f}</b> on {served["test_examples"]} test images sent through the REST API '
             f'(its <code>run.json</code> records {served["recorded_accuracy"]:.4f}). Trained with '
-            f'<code>{escape(hyperparameters)}</code>.</p>'
+            f'{code(hyperparameters)}.</p>'
             f'<p class="note">Confusion matrix of those answers: rows are the true digits, columns the predicted '
             f'ones; errors are red on their own scale.</p>{confusion_table(served["confusion_matrix"])}')
 
@@ -178,8 +223,8 @@ def markdown_table(text):
 def notebook_section(notebook):
     if not notebook:
         return '<p class="note">Not run.</p>'
-    parts = [f'<p class="note">Executed copy: <code>{escape(notebook["executed"])}</code>.</p>']
-    parts += [f'<p><code>{escape(line)}</code></p>' for line in notebook['lines']]
+    parts = [f'<p class="note">Executed copy: {code(notebook["executed"])}.</p>']
+    parts += [f'<p>{code(line)}</p>' for line in notebook['lines']]
     if notebook['figure_png']:
         parts.append(png_image(notebook['figure_png'], 'The notebook\'s figure: digits and probabilities'))
     if notebook['table_markdown']:
@@ -197,7 +242,7 @@ def predict_image_section(answers):
         tiles.append(f'<div class="digit{wrong}">{picture}'
                      f'<br>sent {answer["sent"]}<br><b>{answer["digit"]}</b> ({answer["confidence"]:.1%})</div>')
     right = sum(answer['digit'] == answer['sent'] for answer in answers)
-    return (f'<p>{right} of {len(answers)} recognised (<code>mnist_model/test_data/0.png ... 9.png</code> as PNG '
+    return (f'<p>{right} of {len(answers)} recognised ({code("mnist_model/test_data/0.png ... 9.png")} as PNG '
             f'files, base64).</p><div class="digits">{"".join(tiles)}</div>')
 
 
@@ -220,13 +265,13 @@ def render(summary):
         template = string.Template(template_file.read())
     return template.substitute(
         started_at=escape(summary['started_at']), mode=escape(summary['mode'].capitalize()),
-        seconds=escape(summary.get('seconds', 0)), headline=headline(summary),
-        stages=stages_table(summary['stages']), serving_dir=escape(summary['serving_dir']),
+        seconds=escape(summary.get('seconds', 0)), stage_seconds=escape(summary.get('stage_seconds', 0)),
+        headline=headline(summary), stages=stages_table(summary['stages']), serving_dir=code(summary['serving_dir']),
         versions=versions_table(summary['versions'], summary.get('served')),
         tuning=tuning_section(summary.get('tuning')), served=served_section(summary.get('served')),
         notebook=notebook_section(summary.get('notebook')),
         predict_image=predict_image_section(summary.get('predict_image')),
-        tensorboard=escape(os.path.join(summary['report_dir'], 'tensorboard')))
+        tensorboard=code(f'tensorboard --logdir {os.path.join(summary["report_dir"], "tensorboard")}'))
 
 
 def main(argv=None):

@@ -241,8 +241,10 @@ def run_local(data: str, hparams: dict, pipeline_root: str, echo=print, serving_
     with open(wrapper_path, 'w', encoding='utf-8') as wrapper:
         wrapper.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     os.chmod(wrapper_path, 0o755)
-    saved_environment = {name: os.environ.get(name) for name in ('PATH', 'TF_CPP_MIN_LOG_LEVEL')}
+    saved_environment = {name: os.environ.get(name) for name in ('PATH', 'TF_CPP_MIN_LOG_LEVEL', 'TMPDIR')}
     os.environ['PATH'] = bin_dir + os.pathsep + os.environ.get('PATH', '')
+    # Each step's `mktemp` program file and TensorFlow's generated code go there too, and are removed with it.
+    os.environ['TMPDIR'] = bin_dir
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     step_log = _StepLog(echo)
     root_logger = logging.getLogger()
@@ -426,7 +428,8 @@ def main(argv=None) -> int:
 
     def act():
         if args.run_local:
-            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule)
+            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule,
+                                    args.keep_pipeline_root)
         if args.upload or args.run or args.schedule:
             return run_cluster_actions(args.host, args.namespace, pipeline_cli.cluster_actions(args),
                                        pipeline_cli.run_parameters(args, hparams, rule), args.timeout)
@@ -436,13 +439,10 @@ def main(argv=None) -> int:
     return pipeline_cli.report_errors('mnist_pipeline.py', args.host, act)
 
 
-def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict) -> int:
-    pipeline_root = pipeline_root or tempfile.mkdtemp(prefix='mnist-pipeline-')
-    data = os.path.abspath(data) if '://' not in data else data
-    started = time.monotonic()
-    result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
-    pipeline_cli.print_local_run(result, serving_dir, time.monotonic() - started)
-    return 0
+def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict,
+                     keep_pipeline_root: bool = False) -> int:
+    return pipeline_cli.run_local_and_report(run_local, data, hparams, pipeline_root, serving_dir, rule,
+                                             keep_pipeline_root, prefix='mnist-pipeline-')
 
 
 if __name__ == '__main__':

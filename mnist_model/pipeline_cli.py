@@ -11,7 +11,10 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -161,7 +164,10 @@ def build_parser(description: str, package_path: str, local_runner: str) -> argp
                         help=f'run the pipeline on this machine with {local_runner} (no Docker) on --data; the '
                              f'compiled package it runs is written beside its outputs')
     parser.add_argument('--pipeline_root', '--pipeline-root', default=None,
-                        help='folder for the local run\'s outputs (default: a new temporary folder)')
+                        help='folder for the local run\'s outputs, kept (default: a new temporary folder, removed '
+                             'when the run ends)')
+    parser.add_argument('--keep_pipeline_root', action='store_true',
+                        help='with --run-local and no --pipeline_root: keep the temporary folder, for debugging')
     parser.add_argument('--host', type=_http_url,
                         help='Kubeflow Pipelines API URL, e.g. http://localhost:8080 or https://<kubeflow>/pipeline')
     parser.add_argument('--namespace', default=None,
@@ -207,6 +213,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, p
     # Every flag given must take effect: refuse the ones the chosen mode would silently ignore.
     if args.pipeline_root is not None and not args.run_local:
         parser.error('--pipeline_root is for --run-local')
+    if args.keep_pipeline_root and (not args.run_local or args.pipeline_root is not None):
+        parser.error('--keep_pipeline_root is for --run-local without --pipeline_root (that folder is always kept)')
     if args.namespace is not None and not cluster_action:
         parser.error('--namespace is for --upload, --run and --schedule')
     if args.timeout != parser.get_default('timeout') and not args.wait:
@@ -276,11 +284,28 @@ def report_errors(script: str, host: str, action) -> int:
     return 1
 
 
-def print_local_run(result: dict, serving_dir: str, seconds: float):
-    """What a finished local run prints: its outputs, the served version and the metric lines."""
-    print(f'Local run {result["run_id"]} succeeded in {seconds:.1f} s; outputs:')
-    for name, path in result['outputs'].items():
-        print(f'  {name:24s}{path}')
+def run_local_and_report(run_local, data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict,
+                         keep_pipeline_root: bool, prefix: str) -> int:
+    """Run a pipeline script's run_local and print what it did: its outputs, the served version and the metric lines.
+    Without pipeline_root the run goes to a new temporary folder, removed at the end unless keep_pipeline_root."""
+    temporary = pipeline_root is None and not keep_pipeline_root
+    pipeline_root = pipeline_root or tempfile.mkdtemp(prefix=prefix)
+    data = os.path.abspath(data) if '://' not in data else data
+    started = time.monotonic()
+    try:
+        result = run_local(data, hparams, pipeline_root, serving_dir=serving_dir, rule=rule)
+    finally:
+        if temporary:
+            shutil.rmtree(pipeline_root, ignore_errors=True)
+    print(f'Local run {result["run_id"]} succeeded in {time.monotonic() - started:.1f} s of wall time.')
+    if temporary:
+        print(f'Outputs were in the temporary folder {pipeline_root}, removed now (--keep_pipeline_root keeps it).')
+    else:
+        print(f'Outputs, kept in {pipeline_root}:')
+        for name, path in result['outputs'].items():
+            print(f'  {name:24s}{path}')
     if result['model_version']:
-        print(f'  {"served version":24s}{os.path.join(os.path.abspath(serving_dir), str(result["model_version"]))}')
+        served = os.path.join(os.path.abspath(serving_dir), str(result['model_version']))
+        print(f'Served as {served}.' if temporary else f'  {"served version":24s}{served}')
     print(mnist.format_metrics(result['accuracy'], result['loss']))
+    return 0

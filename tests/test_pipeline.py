@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import urllib.parse
@@ -195,8 +196,10 @@ def test_train_step_runs_in_an_image_without_matplotlib(workflow, small_data_pat
 # ---------------------------------------------------------------------------------------------------- local run
 
 def run_locally(data, pipeline_root, serving_dir, hparams):
-    """mnist_pipeline.py --run-local --serving_dir, in-process; returns the exit code and what it printed."""
-    argv = ['--run-local', '--data', str(data), '--pipeline_root', str(pipeline_root), '--serving_dir', serving_dir]
+    """mnist_pipeline.py --run-local --serving_dir, in-process (pipeline_root None: its default, a temporary folder);
+    returns the exit code and what it printed."""
+    argv = ['--run-local', '--data', str(data), '--serving_dir', serving_dir]
+    argv += ['--pipeline_root', str(pipeline_root)] if pipeline_root is not None else []
     argv += [f'--{name}={value}' for name, value in hparams.items()]
     capture = io.StringIO()
     with contextlib.redirect_stdout(capture):
@@ -297,17 +300,30 @@ def test_local_run_metrics_follow_the_kfp_v1_schemas(local_run):
     assert markdown['storage'] == 'inline' and markdown['source'].strip()
 
 
-def test_a_second_local_run_with_a_worse_model_is_not_delivered(local_run, small_data_path, tmp_path):
+def test_a_second_local_run_with_a_worse_model_is_not_delivered_and_leaves_no_temporary_files(
+        local_run, small_data_path, tmp_path, monkeypatch):
     assert local_run['exit_code'] == 0, local_run['stdout']
-    worse = run_locally(small_data_path, tmp_path / 'root', local_run['serving_dir'], dict(SMALL_HPARAMS, epoch=10))
+    # The run's default folder, kfp's `mktemp` program files and TensorFlow's generated code all go to the temporary
+    # folder: a fresh one here, which must be empty again afterwards.
+    temporary = tmp_path / 'tmp'
+    temporary.mkdir()
+    monkeypatch.setenv('TMPDIR', str(temporary))
+    monkeypatch.setattr(tempfile, 'tempdir', str(temporary))
+    worse = run_locally(small_data_path, None, local_run['serving_dir'], dict(SMALL_HPARAMS, epoch=10))
     assert worse['exit_code'] == 0, worse['stdout']
     assert os.listdir(local_run['serving_dir']) == ['1']
     (decision,) = [line for line in worse['stdout'].splitlines() if line.startswith('[promote] Not promoted: ')]
     assert 'of version 1, which stays in service; --force_export exports it anyway.' in decision
-    assert 'served version' not in _printed_paths(worse['stdout'])
-    with open(_printed_paths(worse['stdout'])['promote_metrics'], encoding='utf-8') as metrics_file:
+    assert _printed_paths(worse['stdout']) == {}
+    assert re.search(rf'^Outputs were in the temporary folder {re.escape(str(temporary))}/mnist-pipeline-\w+, removed '
+                     rf'now \(--keep_pipeline_root keeps it\)\.$', worse['stdout'], re.MULTILINE)
+    assert os.listdir(temporary) == []
+
+
+def test_the_promote_step_reports_its_decision_as_metrics(local_run):
+    with open(_printed_paths(local_run['stdout'])['promote_metrics'], encoding='utf-8') as metrics_file:
         metrics = {metric['name']: metric['numberValue'] for metric in json.load(metrics_file)['metrics']}
-    assert metrics == {'promoted': 0, 'model-version': 0}
+    assert metrics == {'promoted': 1, 'model-version': 1}
     for name in metrics:
         assert METRIC_NAME.match(name)
 
@@ -698,6 +714,8 @@ def test_wrong_url_is_one_clear_line(kfp_server, capsys):
     (['--host', 'http://localhost:8080', '--run', '--data', 'x.npz'], '--data is for --run-local'),
     (['--run-local', '--data_url', 'http://mirror/mnist.npz'], '--data_url is for --run and --schedule'),
     (['--pipeline_root', '/tmp/x'], '--pipeline_root is for --run-local'),
+    (['--keep_pipeline_root'], '--keep_pipeline_root is for --run-local without --pipeline_root'),
+    (['--run-local', '--pipeline_root', '/tmp/x', '--keep_pipeline_root'], '--keep_pipeline_root is for --run-local'),
     (['--serving_dir', '/tmp/x'], '--serving_dir is for --run-local'),
     (['--run-local', '--serving_pvc', 'claim'], '--serving_pvc and --serving_path are for --run and --schedule'),
     (['--host', 'http://localhost:8080', '--run', '--serving_path', 'x'], '--serving_path needs --serving_pvc'),

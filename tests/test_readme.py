@@ -5,15 +5,25 @@ the repository's top folder; README's set-up commands are what CI runs; README s
 """
 import functools
 import glob
+import json
 import os
 import re
 import shlex
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
 
 DOCUMENTS = ['README.md'] + sorted(os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, 'docs', '*.md')))
 
@@ -115,3 +125,49 @@ def test_readme_is_short_and_links_what_exists():
         assert os.path.exists(os.path.join(REPO, target)), f'README links {target}, which does not exist'
     # Every command runs from the top folder: no `cd` into a subfolder first.
     assert not re.search(r'^\s*cd mnist_model\b', readme, re.MULTILINE)
+
+
+def readme_section(heading):
+    """The text of README's section that starts with the heading, up to the next heading of its level or above."""
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as file:
+        text = file.read()
+    start = text.index(f'\n{heading}\n')
+    following = re.search(r'^#{1,3} ', text[start + len(heading) + 2:], re.MULTILINE)
+    return text[start:start + len(heading) + 2 + following.start()] if following else text[start:]
+
+
+def test_step_7_runs_top_to_bottom_from_the_top_folder(tmp_path, model_base_dir):
+    """README step 7's commands, run in sequence by one shell as a reader pastes them, from a copy of the top folder
+    whose mnist_model/ holds one small version; then the `kill %1` the text gives to stop the server."""
+    section = readme_section('### 7. Serve the model')
+    blocks = re.findall(r'^```bash\n(.*?)^```', section, re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, 'step 7 is one block of commands'
+    assert '`kill %1` stops it' in section
+    top = tmp_path / 'top'
+    shutil.copytree(os.path.join(REPO, 'mnist_model'), top / 'mnist_model', ignore=lambda folder, names: [
+        name for name in names if name.isdigit() or name.startswith('.') or name in ('data', '__pycache__')])
+    shutil.copytree(os.path.join(model_base_dir, '1'), top / 'mnist_model' / '1')
+    # Another port than README's 8501, which something else on the machine may hold; the commands are otherwise
+    # exactly README's.
+    port = str(free_port())
+    script = blocks[0].replace('8501', port) + 'kill %1\nwait\n'
+    process = subprocess.Popen(['bash', '-e', '-c', script], cwd=top, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode in (0, 143), stderr  # `wait` returns the server's status after SIGTERM, or 0.
+    # The replies follow one another as curl prints them, with no newline between them: status JSON, predict JSON,
+    # then the metrics lines.
+    decoder = json.JSONDecoder()
+    status, end = decoder.raw_decode(stdout, stdout.index('{"model_version_status"'))
+    assert [(item['version'], item['state']) for item in status['model_version_status']] == [('1', 'AVAILABLE')]
+    reply, end = decoder.raw_decode(stdout, stdout.index('{"predictions"', end))
+    (answer,) = reply['predictions']
+    assert 0 <= answer['digit'] <= 9 and len(answer['probabilities']) == 10
+    # The metrics of the same server count the requests above.
+    assert re.search(r'^:tensorflow:serving:request_count\{.*\} [1-9]', stdout[end:].lstrip(), re.MULTILINE), stdout
+    assert 'Traceback' not in stderr

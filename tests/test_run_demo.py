@@ -2,6 +2,7 @@
 
     python3 -m pytest -q tests/test_run_demo.py
 """
+import html
 import json
 import os
 import re
@@ -13,15 +14,21 @@ import time
 import pytest
 
 import demo_report
+import report_page
 from conftest import REPO
 
 RUN_DEMO = os.path.join(REPO, 'run_demo.py')
 STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'stop']
 
 
-def start_demo(*args):
+def start_demo(*args, environment=None):
     return subprocess.Popen([sys.executable, RUN_DEMO, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, env={**os.environ, **(environment or {})})
+
+
+def page_text(page):
+    """The text a reader sees on an HTML page, without its tags."""
+    return html.unescape(re.sub(r'<[^>]+>', '', page))
 
 
 def processes_mentioning(text):
@@ -40,9 +47,10 @@ def processes_mentioning(text):
 
 @pytest.fixture(scope='module')
 def quick_demo(tmp_path_factory):
-    """One `run_demo.py --quick` with the time of every line it printed."""
+    """One `run_demo.py --quick` with the time of every line it printed, and a temporary folder of its own."""
     report_dir = str(tmp_path_factory.mktemp('demo') / 'report')
-    process = start_demo('--quick', '--output', report_dir)
+    temporary = str(tmp_path_factory.mktemp('tmp'))
+    process = start_demo('--quick', '--output', report_dir, environment={'TMPDIR': temporary})
     lines, started = [], time.monotonic()
     for line in process.stdout:
         lines.append((time.monotonic() - started, line.rstrip('\n')))
@@ -52,7 +60,7 @@ def quick_demo(tmp_path_factory):
     with open(os.path.join(report_dir, 'report.html'), encoding='utf-8') as report_file:
         page = report_file.read()
     return {'code': code, 'lines': lines, 'text': '\n'.join(line for _, line in lines), 'dir': report_dir,
-            'summary': summary, 'page': page}
+            'summary': summary, 'page': page, 'temporary': temporary}
 
 
 def test_every_stage_succeeds_and_prints_its_start_and_end(quick_demo):
@@ -63,13 +71,31 @@ def test_every_stage_succeeds_and_prints_its_start_and_end(quick_demo):
     text = quick_demo['text']
     for stage in stages:
         assert re.search(rf'^\[{stage["name"]}\] {re.escape(stage["title"])} \.\.\.$', text, re.MULTILINE)
-        assert re.search(rf'^\[{stage["name"]}\] done in \d+\.\d s$', text, re.MULTILINE)
+        assert re.search(rf'^\[{stage["name"]}\] done in \d+\.\d s of wall time$', text, re.MULTILINE)
         assert os.path.getsize(os.path.join(quick_demo['dir'], stage['log'])) > 0
     # The stages' own progress shows: training steps and trials.
     assert re.search(r'^  \[train\] step +100/100 ', text, re.MULTILINE)
     assert re.search(r'^  \[tune\] \[2/2\] trial-0\d accuracy 0\.\d{4}', text, re.MULTILINE)
     assert text.splitlines()[-1].startswith('Demo finished in ')
     assert os.path.join(quick_demo['dir'], 'report.html') in text.splitlines()[-1]
+    # Nothing on screen stops mid-sentence (a line ending in a colon goes on in the next line of its stage) or is a
+    # tool's own chatter.
+    lines = text.splitlines()
+    for line, following in zip(lines, lines[1:] + ['']):
+        assert not line.endswith(':') or following.startswith(line[:line.index(']') + 2]), line
+        assert '[NbConvertApp]' not in line
+
+
+def test_console_and_report_give_the_same_wall_time(quick_demo):
+    summary, page = quick_demo['summary'], quick_demo['page']
+    seconds = summary['seconds']
+    assert quick_demo['text'].splitlines()[-1].startswith(f'Demo finished in {seconds:.1f} s of wall time. ')
+    assert f'it took {seconds} s of wall time from start to end' in page
+    stage_sum = round(sum(stage['seconds'] for stage in summary['stages']), 1)
+    assert summary['stage_seconds'] == stage_sum and f'add up to {stage_sum} s' in page
+    assert stage_sum <= seconds <= stage_sum + 10
+    # The last line came out at the wall time it names (the test's clock started a moment earlier).
+    assert quick_demo['lines'][-1][0] == pytest.approx(seconds, abs=5)
 
 
 def test_it_is_never_silent_for_long(quick_demo):
@@ -106,15 +132,40 @@ def test_the_served_version_is_the_one_the_promotion_rule_picked(quick_demo):
     assert sum(map(sum, served['confusion_matrix'])) == served['test_examples'] == 1000
 
 
+def test_the_short_budget_pipeline_run_is_declined_and_the_served_version_stays(quick_demo):
+    summary, text, page = quick_demo['summary'], quick_demo['text'], quick_demo['page']
+    declined = [entry for entry in summary['versions'] if entry['decision'] == 'not promoted']
+    assert [entry['source'] for entry in declined] == ['pipeline']
+    (entry,) = declined
+    assert entry['version'] is None and entry['override'] == '--force_export'
+    assert entry['baseline_version'] == entry['served_before'] == entry['served_after'] == 1
+    assert entry['accuracy'] < entry['baseline_accuracy'] == summary['versions'][0]['accuracy']
+    assert '--epoch=25' in summary['stages'][1]['commands'][0]
+    accuracy, baseline = f'{entry["accuracy"]:.4f}', f'{entry["baseline_accuracy"]:.4f}'
+    # The console: the promote step's own line, then the demo's, both accuracies and the override flag in each.
+    assert re.search(rf'^  \[pipeline\] \[promote\] Not promoted: its test accuracy {accuracy} is below {baseline} '
+                     rf'of version 1, which stays in service; --force_export exports it anyway\.$', text, re.MULTILINE)
+    assert (f'  [pipeline] declined: its model scored {accuracy}, below the {baseline} of version 1; version 1 is '
+            f'still served. --force_export would have exported it anyway.') in text.splitlines()
+    # The report: its headline counts it, a note says it in words, its row is marked.
+    assert f'versions<b>2 promoted, 1 declined</b>' in page
+    words = page_text(page)
+    assert (f'The promotion rule said no to the pipeline run: its model scored test accuracy {accuracy}, below the '
+            f'{baseline} of version 1. Version 1 is still the one served; --force_export would have exported it '
+            f'anyway.') in words
+    assert '<span class="status declined">declined</span>' in page
+
+
 def test_report_and_summary_agree(quick_demo):
     summary, page = quick_demo['summary'], quick_demo['page']
     served = summary['served']
     assert f'served version {served["version"]}<b>{served["accuracy"]:.4f}</b>' in page
     assert f'{len(STAGES)} of {len(STAGES)} succeeded' in page
+    words = page_text(page)
     for stage in summary['stages']:
         assert stage['title'] in page and stage['commands']
         for command in stage['commands']:
-            assert demo_report.escape(command) in page
+            assert command in words
     for trial in summary['tuning']['trials']:
         assert f'{trial["accuracy"]:.4f}' in page
     assert page.count('src="data:image/png;base64,') == 2 + 10, 'chart, notebook figure and ten digits, inline'
@@ -126,8 +177,53 @@ def test_report_and_summary_agree(quick_demo):
     assert os.path.isfile(os.path.join(quick_demo['dir'], 'notebook', 'model_serve.ipynb'))
 
 
-def test_no_process_is_left_running(quick_demo):
+def test_the_report_reads_whole_words_in_a_browser_at_1280_and_1920_px(quick_demo):
+    try:
+        browser = report_page.page_driver.Browser()
+    except (ImportError, LookupError) as error:
+        reason = f'no browser to read the report: {error}'
+        if os.environ.get('CI') == 'true':
+            pytest.fail(reason)
+        pytest.skip(reason)
+    found = {}
+    try:
+        for width in report_page.WIDTHS:
+            report_page.open_report(browser, os.path.join(quick_demo['dir'], 'report.html'), width)
+            found[width] = report_page.layout(browser)
+    finally:
+        browser.close()
+    assert list(found) == [1280, 1920]
+    for width, layout in found.items():
+        assert layout['words'] > 500, width
+        assert layout['problems'] == [], width
+
+
+def test_the_chart_legend_covers_no_bar_or_value():
+    trials = [{'trial': f'trial-{number:02d}', 'status': 'succeeded', 'accuracy': accuracy}
+              for number, accuracy in enumerate([0.9612, 0.9731, 0.9655, 0.9702, 0.9689, 0.9831], 1)]
+    figure = demo_report.draw_accuracy_chart(trials, 0.965, 'trial-06')
+    try:
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        (axes,) = figure.axes
+        legend = axes.get_legend().get_window_extent(renderer)
+        assert axes.get_legend().get_texts()[0].get_text() == 'goal 0.965'
+        drawn = list(axes.patches) + list(axes.texts)
+        assert len(drawn) == 2 * len(trials)
+        for artist in drawn:
+            assert not legend.overlaps(artist.get_window_extent(renderer)), artist
+        assert not legend.overlaps(axes.get_window_extent(renderer))
+        # The legend is inside the picture.
+        assert figure.bbox.contains(legend.x0, legend.y0) and figure.bbox.contains(legend.x1, legend.y1)
+    finally:
+        import matplotlib.pyplot as plt
+        plt.close(figure)
+
+
+def test_no_process_is_left_running_and_no_temporary_file(quick_demo):
     assert processes_mentioning(quick_demo['dir']) == []
+    # The local pipeline run's folder and program files included.
+    assert os.listdir(quick_demo['temporary']) == []
     with pytest.raises(ProcessLookupError):
         os.kill(quick_demo['summary']['served']['pid'], 0)
 
@@ -173,8 +269,9 @@ def test_the_report_marks_a_failed_stage():
                'serving_dir': 'demo-report/x/serving', 'seconds': 4.5, 'stages': stages, 'versions': [],
                'tuning': None, 'served': None, 'notebook': None, 'predict_image': None}
     page = demo_report.render(summary)
-    assert '<span class="status failed">failed</span> exit code 1: mnist_pipeline.py: error: step train failed: ' \
-           'disk full' in page
+    assert '<span class="status failed">failed</span> ' in page
+    assert 'failed exit code 1: mnist_pipeline.py: error: step train failed: disk full' in \
+        page_text(page)
     assert '1 of 7 succeeded; pipeline failed' in page
     assert page.count('<span class="status not-run">not run</span>') == 5
 
@@ -202,4 +299,4 @@ def test_a_failed_stage_stops_the_run_with_one_line_and_the_report_so_far(tmp_pa
     with open(tmp_path / 'report' / 'summary.json', encoding='utf-8') as summary_file:
         stages = {stage['name']: stage['status'] for stage in json.load(summary_file)['stages']}
     assert stages == dict({name: 'not run' for name in STAGES}, train='succeeded', pipeline='failed')
-    assert 'disk full' in (tmp_path / 'report' / 'report.html').read_text()
+    assert 'disk full' in page_text((tmp_path / 'report' / 'report.html').read_text())
