@@ -251,7 +251,7 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     accuracy = float(run_info['accuracy'])
     folder = serving_folder(serving_dir)
 
-    def no_room(error):
+    def write_failure(error):
         """One line for a failed write into serving_dir: the folder, the cause and that nothing was added."""
         cause, where = str(error), ''
         if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
@@ -309,7 +309,7 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     try:
         os.makedirs(serving_dir, exist_ok=True)
     except OSError as error:
-        raise no_room(error) from None
+        raise write_failure(error) from None
     if model_version and os.path.exists(os.path.join(serving_dir, str(model_version))):
         raise FileExistsError(f'{os.path.join(serving_dir, str(model_version))} already exists: '
                               f'choose another model version')
@@ -369,7 +369,7 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
             except (shutil.Error, OSError) as error:
                 if isinstance(error, (FileExistsError, TimeoutError)):
                     raise
-                raise no_room(error) from None
+                raise write_failure(error) from None
         except BaseException as error:
             # Whatever stopped the promotion, the version is either whole in place or not there at all.
             promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
@@ -415,6 +415,10 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
             print(f'promote: interrupted; version {version} was promoted: it is {version_dir}', file=sys.stderr,
                   flush=True)
         raise
+    except OSError as error:
+        state = f'version {version} was promoted: it is {version_dir}' if promoted else 'nothing was promoted'
+        raise OSError(f'cannot write the KFP outputs of the promotion: {error.strerror or error} '
+                      f'({error.filename}); {state}') from None
     return collections.namedtuple('PromoteOutputs', ['promoted', 'model_version', 'decision'])(
         promoted, version, line)
 
