@@ -95,11 +95,15 @@ def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(serv
     accuracies = [0.83, 0.91, 0.85, 0.88, 0.81, 0.90, 0.86, 0.84]
     candidates = [candidate_scoring(exported_candidate, tmp_path / f'candidate-{index}', accuracy)
                   for index, accuracy in enumerate(accuracies)]
-    # Every process spins until the same instant, then promotes: their decisions race as hard as they can.
+    # Every process spins until the same instant, then promotes: their decisions race as hard as they can. Half of
+    # them act as pods on other hosts mounting the same volume, which cannot tell whether the others still run.
     start = str(time.time() + 1.5)
     processes = [subprocess.Popen([PYTHON, '-c', PROMOTER, os.path.join(REPO, 'mnist_model'), candidate, serving_dir,
                                    str(tmp_path / f'outputs-{index}'), start], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for index, candidate in enumerate(candidates)]
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, 'PYTHONPATH': FAULTS,
+                                       'PROMOTE_HOSTNAME': f'pod-{index}' if index % 2 else ''})
+                 for index, candidate in enumerate(candidates)]
     results = [process.communicate(timeout=120) for process in processes]
     assert all(process.returncode == 0 for process in processes), [stderr for _, stderr in results]
     decisions = [stdout.strip() for stdout, _ in results]
