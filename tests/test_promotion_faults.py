@@ -12,12 +12,12 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
+from bench.promotion_race_bench import PROMOTER  # The benchmark's racing promoter: spin, then promote.
 from conftest import PYTHON, REPO, TINY_HPARAMS, promote_into, run_script, set_recorded_accuracy
 from promote import serving_folder
 
@@ -77,17 +77,6 @@ def test_the_baseline_is_the_version_a_server_would_load(serving_dir, exported_c
 
 
 # ------------------------------------------------------------------------------------------ concurrent promotions
-
-PROMOTER = r'''
-import sys, time
-sys.path.insert(0, sys.argv[1])
-from promote import promote
-candidate, serving, outputs, start = sys.argv[2:]
-while time.time() < float(start):
-    pass
-promote(candidate, serving, outputs + '/metrics.json', outputs + '/ui.json')
-'''
-
 
 def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(serving_dir, exported_candidate,
                                                                           tmp_path):
