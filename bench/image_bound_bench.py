@@ -3,8 +3,8 @@
 Each case runs in a fresh process that loads the SavedModel (the artefact TF Serving and KServe load), warms it up
 with a 28x28 PNG, then sends one image: PNGs of zero pixels whose header says 8000x8000 or 16000x16000 (about 80 KB
 and 300 KB of bytes), a JPEG whose frame header was patched to 8000x8000, and a legitimate 4096x4096 PNG (the largest
-size the signature reads). It prints the reply (digit or the error's first line), the call's wall time and the growth
-of the process's peak resident memory (VmHWM) during the call; the median over --runs runs.
+size the signature reads). It prints the reply (the digit, or the refusal), the call's wall time and the growth of
+the process's peak resident memory (VmHWM) during the call; the median over --runs runs.
 
     python3 bench/image_bound_bench.py --model_dir mnist_model/1
 """
@@ -37,7 +37,8 @@ before, started = peak_kb(), time.perf_counter()
 try:
     reply = 'digit %d' % signature(image_bytes=tf.constant([image]))['digit'].numpy()[0]
 except tf.errors.InvalidArgumentError as error:
-    reply = 'InvalidArgumentError: ' + error.message.strip().splitlines()[0][:150]
+    lines = [line for line in error.message.splitlines() if line.startswith('assertion failed')] or ['?']
+    reply = 'refused: ' + lines[0][len('assertion failed: '):][:120]
 print(json.dumps({'reply': reply, 'seconds': time.perf_counter() - started, 'growth_mb': (peak_kb() - before) / 1024,
                   'bytes': len(image)}))
 '''
@@ -70,6 +71,7 @@ def main():
     parser.add_argument('--model_dir', required=True, help='a version folder holding the SavedModel')
     parser.add_argument('--runs', type=int, default=3, help='runs per case; the median is printed (default: 3)')
     parser.add_argument('--work_dir', default='/tmp/image-bound-bench', help='where the images are written')
+    parser.add_argument('--only', default='', help='run only the cases whose name contains this text')
     args = parser.parse_args()
     os.makedirs(args.work_dir, exist_ok=True)
     cases = {'PNG 8000x8000 zeros': lambda: png_of_zeros(8000, 8000),
@@ -77,6 +79,8 @@ def main():
              'JPEG header 8000x8000': lambda: jpeg_claiming(8000, 8000),
              'PNG 4096x4096 zeros (allowed)': lambda: png_of_zeros(4096, 4096)}
     for name, make in cases.items():
+        if args.only not in name:
+            continue
         path = os.path.join(args.work_dir, name.split(' (')[0].replace(' ', '-') + '.img')
         with open(path, 'wb') as image_file:
             image_file.write(make())

@@ -251,7 +251,7 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     accuracy = float(run_info['accuracy'])
     folder = serving_folder(serving_dir)
 
-    def no_room(error):
+    def write_failure(error):
         """One line for a failed write into serving_dir: the folder, the cause and that nothing was added."""
         cause, where = str(error), ''
         if isinstance(error, shutil.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
@@ -309,22 +309,22 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     try:
         os.makedirs(serving_dir, exist_ok=True)
     except OSError as error:
-        raise no_room(error) from None
+        raise write_failure(error) from None
     if model_version and os.path.exists(os.path.join(serving_dir, str(model_version))):
         raise FileExistsError(f'{os.path.join(serving_dir, str(model_version))} already exists: '
                               f'choose another model version')
-    for line in folder.clean_staging():
-        print(line, file=sys.stderr, flush=True)
-    # A first look without the lock spares copying a candidate that the rule declines anyway; the rule is applied
-    # again under the lock, against the version served then.
-    served_version, served_accuracy = served_now()
-    refusal, baseline = refusal_against(served_version, served_accuracy)
     promoted, version, version_dir = False, 0, ''
-    if not refusal:
-        decision = 'forced' if force_export else 'promoted'
-        staging_dir, release = None, None
+    staging_dir, release = None, None
+    try:
         try:
-            try:
+            for line in folder.clean_staging():
+                print(line, file=sys.stderr, flush=True)
+            # A first look without the lock spares copying a candidate that the rule declines anyway; the rule is
+            # applied again under the lock, against the version served then.
+            served_version, served_accuracy = served_now()
+            refusal, baseline = refusal_against(served_version, served_accuracy)
+            if not refusal:
+                decision = 'forced' if force_export else 'promoted'
                 # Built in a hidden folder beside its final place: servers only load integer folder names, and a
                 # rename within one file system is atomic. The owner record tells a later promotion whether the
                 # writer still runs.
@@ -366,24 +366,24 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
                                            f'held it; nothing was added')
                     os.rename(staging_dir, version_dir)
                     promoted = True
-            except (shutil.Error, OSError) as error:
-                if isinstance(error, (FileExistsError, TimeoutError)):
-                    raise
-                raise no_room(error) from None
-        except BaseException as error:
-            # Whatever stopped the promotion, the version is either whole in place or not there at all.
-            promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
-                                        and not os.path.exists(staging_dir))
-            if isinstance(error, KeyboardInterrupt):
-                state = (f'version {version} was promoted: it is {version_dir}' if promoted else
-                         f'nothing was promoted; {serving_dir} is as it was')
-                print(f'promote: interrupted; {state}', file=sys.stderr, flush=True)
-            raise
-        finally:
-            if staging_dir is not None and os.path.exists(staging_dir):
-                shutil.rmtree(staging_dir, ignore_errors=True)
-            if release is not None:
-                release()
+        except (shutil.Error, OSError) as error:
+            if isinstance(error, (FileExistsError, TimeoutError)):
+                raise
+            raise write_failure(error) from None
+    except BaseException as error:
+        # Whatever stopped the promotion, the version is either whole in place or not there at all.
+        promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
+                                    and not os.path.exists(staging_dir))
+        if isinstance(error, KeyboardInterrupt):
+            state = (f'version {version} was promoted: it is {version_dir}' if promoted else
+                     f'nothing was promoted; {serving_dir} is as it was')
+            print(f'promote: interrupted; {state}', file=sys.stderr, flush=True)
+        raise
+    finally:
+        if staging_dir is not None and os.path.exists(staging_dir):
+            shutil.rmtree(staging_dir, ignore_errors=True)
+        if release is not None:
+            release()
     if not promoted:
         version = 0
         line = f'Not promoted: {refusal}; --force_export exports it anyway.'
@@ -415,6 +415,10 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
             print(f'promote: interrupted; version {version} was promoted: it is {version_dir}', file=sys.stderr,
                   flush=True)
         raise
+    except OSError as error:
+        state = f'version {version} was promoted: it is {version_dir}' if promoted else 'nothing was promoted'
+        raise OSError(f'cannot write the KFP outputs of the promotion: {error.strerror or error} '
+                      f'({error.filename}); {state}') from None
     return collections.namedtuple('PromoteOutputs', ['promoted', 'model_version', 'decision'])(
         promoted, version, line)
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a small slice of the bundled data and one model exported from it, made once per test session."""
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,13 @@ def model_base_dir(tmp_path_factory, exported_candidate):
     base = tmp_path_factory.mktemp('models') / 'mnist_model'
     promote_into(exported_candidate, base)
     return str(base)
+
+
+def set_recorded_accuracy(model_dir, accuracy):
+    """Pretend the model in model_dir (a version or a candidate) scored `accuracy`, by editing its run record."""
+    path = os.path.join(model_dir, 'assets.extra', 'run.json')
+    with open(path) as file:
+        record = json.load(file)
+    record['accuracy'] = accuracy
+    with open(path, 'w') as file:
+        json.dump(record, file)

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, TINY_HPARAMS, promote_into, run_script
+from conftest import REPO, TINY_HPARAMS, promote_into, run_script, set_recorded_accuracy
 
 MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
 TRIAL_PY = os.path.join(REPO, 'mnist_hyper_tuning.py')
@@ -29,12 +29,7 @@ def served_record(serving_dir, version):
 
 def set_served_accuracy(serving_dir, version, accuracy):
     """Pretend the served version scored `accuracy`, by editing its run record."""
-    path = os.path.join(serving_dir, str(version), 'assets.extra', 'run.json')
-    with open(path) as file:
-        record = json.load(file)
-    record['accuracy'] = accuracy
-    with open(path, 'w') as file:
-        json.dump(record, file)
+    set_recorded_accuracy(os.path.join(serving_dir, str(version)), accuracy)
 
 
 def listing(folder):

@@ -12,27 +12,18 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, TINY_HPARAMS, promote_into, run_script
+from bench.promotion_race_bench import PROMOTER  # The benchmark's racing promoter: spin, then promote.
+from conftest import PYTHON, REPO, TINY_HPARAMS, promote_into, run_script, set_recorded_accuracy
 from promote import serving_folder
 
 MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
 FAULTS = os.path.join(REPO, 'tests', 'faults')
 TINY_FLAGS = [f'--{name}={value}' for name, value in TINY_HPARAMS.items() if name != 'epoch']
-
-
-def set_accuracy(model_dir, accuracy):
-    path = os.path.join(model_dir, 'assets.extra', 'run.json')
-    with open(path) as file:
-        record = json.load(file)
-    record['accuracy'] = accuracy
-    with open(path, 'w') as file:
-        json.dump(record, file)
 
 
 def accuracy_of(model_dir):
@@ -43,7 +34,7 @@ def accuracy_of(model_dir):
 def candidate_scoring(exported_candidate, folder, accuracy):
     """A copy of the exported candidate whose run record says it scored `accuracy`."""
     shutil.copytree(exported_candidate, folder)
-    set_accuracy(folder, accuracy)
+    set_recorded_accuracy(folder, accuracy)
     return str(folder)
 
 
@@ -52,7 +43,7 @@ def serving_dir(tmp_path, model_base_dir):
     """A serving folder holding version 1 of the small model, recorded as scoring 0.91."""
     folder = tmp_path / 'serving'
     shutil.copytree(model_base_dir, folder)
-    set_accuracy(folder / '1', 0.91)
+    set_recorded_accuracy(folder / '1', 0.91)
     return str(folder)
 
 
@@ -67,7 +58,7 @@ def test_the_baseline_is_the_version_a_server_would_load(serving_dir, exported_c
     # An empty integer folder, and a loadable copy under a name str.isdigit() accepts but no server loads.
     os.mkdir(os.path.join(serving_dir, '100'))
     shutil.copytree(os.path.join(serving_dir, '1'), os.path.join(serving_dir, '²'))
-    set_accuracy(os.path.join(serving_dir, '²'), 0.10)
+    set_recorded_accuracy(os.path.join(serving_dir, '²'), 0.10)
     assert serving_folder(serving_dir).versions() == [1]
     worse = candidate_scoring(exported_candidate, tmp_path / 'worse', 0.30)
     outputs = promote_into(worse, serving_dir)
@@ -87,28 +78,21 @@ def test_the_baseline_is_the_version_a_server_would_load(serving_dir, exported_c
 
 # ------------------------------------------------------------------------------------------ concurrent promotions
 
-PROMOTER = r'''
-import sys, time
-sys.path.insert(0, sys.argv[1])
-from promote import promote
-candidate, serving, outputs, start = sys.argv[2:]
-while time.time() < float(start):
-    pass
-promote(candidate, serving, outputs + '/metrics.json', outputs + '/ui.json')
-'''
-
-
 def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(serving_dir, exported_candidate,
                                                                           tmp_path):
-    set_accuracy(os.path.join(serving_dir, '1'), 0.80)
+    set_recorded_accuracy(os.path.join(serving_dir, '1'), 0.80)
     accuracies = [0.83, 0.91, 0.85, 0.88, 0.81, 0.90, 0.86, 0.84]
     candidates = [candidate_scoring(exported_candidate, tmp_path / f'candidate-{index}', accuracy)
                   for index, accuracy in enumerate(accuracies)]
-    # Every process spins until the same instant, then promotes: their decisions race as hard as they can.
+    # Every process spins until the same instant, then promotes: their decisions race as hard as they can. Half of
+    # them act as pods on other hosts mounting the same volume, which cannot tell whether the others still run.
     start = str(time.time() + 1.5)
     processes = [subprocess.Popen([PYTHON, '-c', PROMOTER, os.path.join(REPO, 'mnist_model'), candidate, serving_dir,
                                    str(tmp_path / f'outputs-{index}'), start], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for index, candidate in enumerate(candidates)]
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, 'PYTHONPATH': FAULTS,
+                                       'PROMOTE_HOSTNAME': f'pod-{index}' if index % 2 else ''})
+                 for index, candidate in enumerate(candidates)]
     results = [process.communicate(timeout=120) for process in processes]
     assert all(process.returncode == 0 for process in processes), [stderr for _, stderr in results]
     decisions = [stdout.strip() for stdout, _ in results]

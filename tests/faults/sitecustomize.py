@@ -6,13 +6,19 @@ PYTHONPATH; the environment variable PROMOTE_FAULT chooses the fault:
     interrupt_after_rename    Ctrl-C right after a folder is renamed to an integer name (a version lands)
     disk_full_after_bytes=N   os.sendfile (how shutil copies on Linux) fails with ENOSPC once N bytes were copied
 
+and PROMOTE_HOSTNAME, if set, is the host name socket.gethostname() returns: the process acts as a pod on another
+host that mounts the same volume, whose processes this host cannot see.
+
     PYTHONPATH=tests/faults PROMOTE_FAULT=interrupt_after_rename python3 mnist_model/mnist.py ...
 """
 import errno
 import os
 import signal
+import socket
 
 FAULT = os.environ.get('PROMOTE_FAULT', '')
+if os.environ.get('PROMOTE_HOSTNAME'):
+    socket.gethostname = lambda: os.environ['PROMOTE_HOSTNAME']
 
 
 def interrupt():
