@@ -5,8 +5,7 @@ Every round runs three fresh processes one after the other, so that the machine'
      line and of run.json's train_seconds), its whole wall time, test accuracy and peak RSS;
   2. the floor loop: the same MLP shape (784-192-64-10) trained for the same 2000 steps of 256 examples as ONE plain
      tf.function over tf.range (gather a batch, forward, GradientTape, momentum update; no Keras, no batch
-     normalisation, no dropout, no test passes), timed from its first call to its result, tracing included; also
-     with XLA, for information;
+     normalisation, no dropout, no test passes), timed from its first call to its result, tracing included;
   3. the eager reference: the seed demo's recipe, the same MLP as TensorFlow ops trained by an eager GradientTape
      loop, one Python iteration per batch of 256, then tested; the whole process's wall time. (The same loop around
      a Keras model and a Keras optimizer is 2-3 times slower: that would be an easier reference.)
@@ -34,7 +33,7 @@ STEPS, BATCH_SIZE, LAYER_SIZES = 2000, 256, (784, 192, 64, 10)
 TARGETS = {'fit_over_floor': 1.3, 'wall_over_eager': 0.5, 'accuracy': 0.980, 'predict_image': 0.975}
 
 
-def run_floor_loop(jit_compile):
+def run_floor_loop():
     """The floor: 2000 steps of the bare MLP in one tf.function call. Returns its seconds, tracing included."""
     import numpy as np
     import tensorflow as tf
@@ -49,7 +48,7 @@ def run_floor_loop(jit_compile):
     parameters = weights + biases
     velocities = [tf.Variable(tf.zeros_like(parameter)) for parameter in parameters]
 
-    @tf.function(jit_compile=jit_compile)
+    @tf.function
     def train(steps):
         loss_sum = tf.constant(0.0)
         for step in tf.range(steps):
@@ -177,12 +176,12 @@ def main():
     parser.add_argument('--seed', type=int, default=0, help='seed of every mnist.py run (default: %(default)s)')
     parser.add_argument('--image_count', type=positive_int, default=2000,
                         help='re-drawn test digits for predict_image (default: %(default)s)')
-    parser.add_argument('--reference', choices=('floor', 'floor_xla', 'eager'), help=argparse.SUPPRESS)
+    parser.add_argument('--reference', choices=('floor', 'eager'), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     if args.reference:
-        result = run_eager_reference() if args.reference == 'eager' else run_floor_loop(args.reference == 'floor_xla')
+        result = run_eager_reference() if args.reference == 'eager' else run_floor_loop()
         print(json.dumps(result))
         return
 
@@ -191,15 +190,15 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for number in range(args.runs):
             trained = train_once(os.path.join(work, 'models'), os.path.join(work, 'logs'), args.seed)
-            floor, floor_xla, eager = (run_reference(name) for name in ('floor', 'floor_xla', 'eager'))
-            rounds.append({**trained, 'floor_s': floor['seconds'], 'floor_xla_s': floor_xla['seconds'],
+            floor, eager = run_reference('floor'), run_reference('eager')
+            rounds.append({**trained, 'floor_s': floor['seconds'],
                            'eager_wall_s': eager['wall_s'], 'eager_accuracy': eager['accuracy'],
                            'fit_over_floor': trained['fit_s'] / floor['seconds'],
                            'wall_over_eager': trained['wall_s'] / eager['wall_s']})
             last = rounds[-1]
             print(f'round {number + 1}: mnist.py accuracy {last["accuracy"]:.4f}  fit {last["fit_s"]:.2f} s  '
                   f'wall {last["wall_s"]:.2f} s  peak RSS {last["peak_rss_mb"]:.0f} MB | floor {last["floor_s"]:.2f} s'
-                  f' (XLA {last["floor_xla_s"]:.2f} s) | eager wall {last["eager_wall_s"]:.2f} s '
+                  f' | eager wall {last["eager_wall_s"]:.2f} s '
                   f'(accuracy {last["eager_accuracy"]:.4f}) | fit/floor {last["fit_over_floor"]:.2f}  '
                   f'wall/eager {last["wall_over_eager"]:.2f}  load {load_average():.2f}', flush=True)
         image_accuracy = measure_predict_image(rounds[-1]['model_dir'], args.image_count)
@@ -211,7 +210,7 @@ def main():
     print(f'\nmedians of {args.runs} rounds (seed {args.seed}, {os.cpu_count()} cores, 1-minute load '
           f'{load_before:.2f} before, {load_average():.2f} after):')
     print(f'  mnist.py training (fit)   {median("fit_s"):.2f} s')
-    print(f'  floor loop                {median("floor_s"):.2f} s  (with XLA {median("floor_xla_s"):.2f} s)')
+    print(f'  floor loop                {median("floor_s"):.2f} s')
     print(f'  fit / floor               {median("fit_over_floor"):.2f}  (target <= {TARGETS["fit_over_floor"]})')
     print(f'  eager reference, wall     {median("eager_wall_s"):.2f} s  (its accuracy {median("eager_accuracy"):.4f})')
     print(f'  mnist.py wall             {median("wall_s"):.2f} s')
