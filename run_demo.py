@@ -37,6 +37,7 @@ import numpy as np
 
 import demo_report
 from mnist_model.pipeline_cli import KFP2_VENV, find_kfp2_python
+from mnist_model.promote import serving_folder
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 MNIST_PY = os.path.join('mnist_model', 'mnist.py')
@@ -203,9 +204,9 @@ class Demo:
             pass
 
     def served_version(self):
-        """The version the serving folder serves now (its largest number), or None."""
-        numbers = [int(name) for name in os.listdir(self.serving_dir) if name.isdigit()]
-        return max(numbers, default=None)
+        """The version the serving folder serves now (the largest one a server loads: promote's definition), or None
+        while the folder has none or does not exist yet."""
+        return max(serving_folder(self.serving_dir).versions(), default=None)
 
     def record_decisions(self, name, output, served_before):
         """Add the promotion decisions a stage printed to the list of versions and candidates; a declined one is

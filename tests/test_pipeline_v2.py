@@ -188,7 +188,9 @@ def test_component_runs_the_step_function_through_a_thin_adapter(ir, name):
     args = ir['spec']['deploymentSpec']['executors'][f'exec-{name}']['container']['args']
     assert args[args.index('--function_to_execute') + 1] == adapter_name
 
-    step_parameters = _argument_defaults(embedded)
+    # trained_model is mnist.py's in-memory handover inside one process; components pass files instead (as in v1).
+    step_parameters = {parameter: default for parameter, default in _argument_defaults(embedded).items()
+                       if parameter != 'trained_model'}
     adapter_parameters = _argument_defaults(adapter)
     expected = {ARTIFACT_NAMES.get(parameter, parameter): default for parameter, default in step_parameters.items()
                 if parameter not in V1_RUN_PAGE_FILES}
@@ -524,10 +526,13 @@ def test_run_demo_pipeline_v2_runs_the_v2_script_with_the_kfp2_python(tmp_path, 
     (command,) = commands
     assert command[:3] == ['/opt/kfp2/bin/python', os.path.join('mnist_model', 'mnist_pipeline_v2.py'), '--run-local']
     stage = demo.stage('pipeline')
-    assert stage['title'] == 'Kubeflow pipeline (v2), run locally'
+    assert stage['title'] == 'Weekly pipeline run (KFP v2) on a short budget, run locally'
     assert stage['cluster_command'].startswith('python3 mnist_model/mnist_pipeline_v2.py --host <KFP URL> --image ')
+    # The weekly run on a short budget, as with v1; the serving folder of this stub run holds no version.
+    assert '--epoch=25' in command
     assert demo.summary['versions'] == [{'version': 2, 'accuracy': 0.91, 'source': 'pipeline', 'decision': 'promoted',
-                                         'message': demo.summary['versions'][0]['message']}]
+                                         'message': demo.summary['versions'][0]['message'],
+                                         'served_before': None, 'served_after': None}]
 
 
 def test_run_demo_pipeline_v2_without_the_environment_is_one_clear_error(tmp_path):
