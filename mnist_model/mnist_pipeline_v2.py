@@ -473,8 +473,9 @@ def main(argv=None) -> int:
 
     def act():
         if args.run_local:
-            return _print_local_run(args.data, hparams, args.pipeline_root, args.serving_dir, rule,
-                                    args.keep_pipeline_root)
+            return pipeline_cli.run_local_and_report(run_local, args.data, hparams, args.pipeline_root,
+                                                     args.serving_dir, rule, args.keep_pipeline_root,
+                                                     prefix='mnist-pipeline-v2-')
         if args.upload or args.run or args.schedule:
             return run_cluster_actions(args.host, args.namespace, pipeline_cli.cluster_actions(args),
                                        pipeline_cli.run_parameters(args, hparams, rule), args.timeout, args.image)
@@ -482,12 +483,6 @@ def main(argv=None) -> int:
         return 0
 
     return pipeline_cli.report_errors('mnist_pipeline_v2.py', args.host, act)
-
-
-def _print_local_run(data: str, hparams: dict, pipeline_root: str, serving_dir: str, rule: dict,
-                     keep_pipeline_root: bool = False) -> int:
-    return pipeline_cli.run_local_and_report(run_local, data, hparams, pipeline_root, serving_dir, rule,
-                                             keep_pipeline_root, prefix='mnist-pipeline-v2-')
 
 
 if __name__ == '__main__':
