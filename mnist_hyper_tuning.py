@@ -278,11 +278,10 @@ def run_trial(data, hparams, log_dir, export_dir, model_version, rule):
 
 
 def worker_environment(parallel):
-    """Environment for a trial process: a fair share of the cores, so parallel trials do not oversubscribe them."""
+    """Environment for a trial process: a fair share of the cores for NumPy's threads, so parallel trials do not
+    oversubscribe them. (TensorFlow trains in one thread anyway: mnist.train.)"""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    threads = str(max(1, cores // parallel))
-    return dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=threads, TF_NUM_INTRAOP_THREADS=threads,
-                TF_NUM_INTEROP_THREADS=threads)
+    return dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS=str(max(1, cores // parallel)))
 
 
 def start_trial(trial_name, hparams, common_flags, output_dir, environment):

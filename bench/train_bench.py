@@ -1,11 +1,13 @@
 """Benchmark the trainer against two references measured in the same run: the floor loop and an eager loop.
 
-Every round runs three fresh processes one after the other, so that the machine's load hits all three alike:
+Every round runs four fresh processes one after the other, so that the machine's load hits them alike:
   1. mnist.py, the demo's tuned command on the full bundled data: its training time (the figure of its last progress
      line and of run.json's train_seconds), its whole wall time, test accuracy and peak RSS;
   2. the floor loop: the same MLP shape (784-192-64-10) trained for the same 2000 steps of 256 examples as ONE plain
      tf.function over tf.range (gather a batch, forward, GradientTape, momentum update; no Keras, no batch
-     normalisation, no dropout, no test passes), timed from its first call to its result, tracing included;
+     normalisation, no dropout, no test passes), timed from its first call to its result, tracing included; with
+     TensorFlow's default threads (the target's reference), and again with one thread, as mnist.py trains (the fairer
+     floor: the bare loop is faster with one thread too);
   3. the eager reference: the seed demo's recipe, the same MLP as TensorFlow ops trained by an eager GradientTape
      loop, one Python iteration per batch of 256, then tested; the whole process's wall time. (The same loop around
      a Keras model and a Keras optimizer is 2-3 times slower: that would be an easier reference.)
@@ -33,10 +35,15 @@ STEPS, BATCH_SIZE, LAYER_SIZES = 2000, 256, (784, 192, 64, 10)
 TARGETS = {'fit_over_floor': 1.3, 'wall_over_eager': 0.5, 'accuracy': 0.980, 'predict_image': 0.975}
 
 
-def run_floor_loop():
-    """The floor: 2000 steps of the bare MLP in one tf.function call. Returns its seconds, tracing included."""
+def run_floor_loop(one_thread=False):
+    """The floor: 2000 steps of the bare MLP in one tf.function call. Returns its seconds, tracing included. With
+    one_thread, TensorFlow runs its operations in one thread, as mnist.py's train() does."""
     import numpy as np
     import tensorflow as tf
+
+    if one_thread:
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
 
     with np.load(DATA, allow_pickle=False) as data:
         images = tf.constant(data['x_train'].reshape(-1, 784).astype(np.float32) / 255.0)
@@ -176,12 +183,13 @@ def main():
     parser.add_argument('--seed', type=int, default=0, help='seed of every mnist.py run (default: %(default)s)')
     parser.add_argument('--image_count', type=positive_int, default=2000,
                         help='re-drawn test digits for predict_image (default: %(default)s)')
-    parser.add_argument('--reference', choices=('floor', 'eager'), help=argparse.SUPPRESS)
+    parser.add_argument('--reference', choices=('floor', 'floor-one-thread', 'eager'), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     if args.reference:
-        result = run_eager_reference() if args.reference == 'eager' else run_floor_loop()
+        result = run_eager_reference() if args.reference == 'eager' \
+            else run_floor_loop(one_thread=args.reference == 'floor-one-thread')
         print(json.dumps(result))
         return
 
@@ -190,15 +198,17 @@ def main():
     with tempfile.TemporaryDirectory() as work:
         for number in range(args.runs):
             trained = train_once(os.path.join(work, 'models'), os.path.join(work, 'logs'), args.seed)
-            floor, eager = run_reference('floor'), run_reference('eager')
-            rounds.append({**trained, 'floor_s': floor['seconds'],
+            floor, floor_one_thread = run_reference('floor'), run_reference('floor-one-thread')
+            eager = run_reference('eager')
+            rounds.append({**trained, 'floor_s': floor['seconds'], 'floor_one_thread_s': floor_one_thread['seconds'],
+                           'fit_over_floor_one_thread': trained['fit_s'] / floor_one_thread['seconds'],
                            'eager_wall_s': eager['wall_s'], 'eager_accuracy': eager['accuracy'],
                            'fit_over_floor': trained['fit_s'] / floor['seconds'],
                            'wall_over_eager': trained['wall_s'] / eager['wall_s']})
             last = rounds[-1]
             print(f'round {number + 1}: mnist.py accuracy {last["accuracy"]:.4f}  fit {last["fit_s"]:.2f} s  '
                   f'wall {last["wall_s"]:.2f} s  peak RSS {last["peak_rss_mb"]:.0f} MB | floor {last["floor_s"]:.2f} s'
-                  f' | eager wall {last["eager_wall_s"]:.2f} s '
+                  f' (one thread {last["floor_one_thread_s"]:.2f} s) | eager wall {last["eager_wall_s"]:.2f} s '
                   f'(accuracy {last["eager_accuracy"]:.4f}) | fit/floor {last["fit_over_floor"]:.2f}  '
                   f'wall/eager {last["wall_over_eager"]:.2f}  load {load_average():.2f}', flush=True)
         image_accuracy = measure_predict_image(rounds[-1]['model_dir'], args.image_count)
@@ -212,6 +222,8 @@ def main():
     print(f'  mnist.py training (fit)   {median("fit_s"):.2f} s')
     print(f'  floor loop                {median("floor_s"):.2f} s')
     print(f'  fit / floor               {median("fit_over_floor"):.2f}  (target <= {TARGETS["fit_over_floor"]})')
+    print(f'  floor loop, one thread    {median("floor_one_thread_s"):.2f} s  (fit / it '
+          f'{median("fit_over_floor_one_thread"):.2f}: the floor with the thread setting of mnist.py)')
     print(f'  eager reference, wall     {median("eager_wall_s"):.2f} s  (its accuracy {median("eager_accuracy"):.4f})')
     print(f'  mnist.py wall             {median("wall_s"):.2f} s')
     print(f'  mnist.py wall / eager     {median("wall_over_eager"):.2f}  (target <= {TARGETS["wall_over_eager"]})')

@@ -194,6 +194,18 @@ def train(dataset_path: InputPath('npz'), model_path: OutputPath('Model'), num_h
     import numpy as np
     import tensorflow as tf
 
+    # One thread for TensorFlow's operations, unless TensorFlow's own TF_NUM_INTRAOP_THREADS/TF_NUM_INTEROP_THREADS
+    # say otherwise. The operations are small here (batches of 256 rows), and splitting each one across the cores
+    # cost more than it gained: on the 2-core reference machine a step took 2.9 ms with TensorFlow's default (a
+    # thread per core) and 2.3 ms with one, for the same figures (docs/trainer.md). It also leaves the other cores
+    # to the tuner's parallel trials, and to the other pods of a node, whose cores TensorFlow would count as its own
+    # whatever the pod's CPU limit.
+    if not (os.environ.get('TF_NUM_INTRAOP_THREADS') or os.environ.get('TF_NUM_INTEROP_THREADS')):
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow has run in this process already (a notebook's second run): it keeps its own.
+            pass
     log_every = 200  # Steps between progress lines, TensorBoard points and test passes.
     with np.load(dataset_path, allow_pickle=False) as dataset:
         x_train, y_train = dataset['x_train'].reshape(-1, 784), dataset['y_train']

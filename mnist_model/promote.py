@@ -40,16 +40,19 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
     server never sees it half-written; declined or failed, nothing is left in serving_dir. The decision and the rename
     happen under the folder's promotion lock, so concurrent promotions (several pods on one shared volume) are decided
     one after the other, each against the version the one before it left. Prints the decision in one line and writes
-    it as KFP run metrics (promoted 1/0, model-version) and a markdown line for the run's page. Interrupted (Ctrl-C),
-    it says on stderr whether the version was promoted; a full disk is one line naming the folder and the cause."""
+    it as KFP run metrics (promoted 1/0, model-version) and a markdown line for the run's page. Interrupted (Ctrl-C)
+    or terminated (SIGTERM: a pod being stopped; it then exits with code 143), it says on stderr whether the version
+    was promoted; a full disk is one line naming the folder and the cause."""
     import collections
     import datetime
     import json
     import math
     import os
     import shutil
+    import signal
     import sys
     import tempfile
+    import threading
 
     def serving_folder(path):
         """What promote(), retire() and the model servers must agree on about a serving folder, defined once. It is
@@ -315,6 +318,28 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
                               f'choose another model version')
     promoted, version, version_dir = False, 0, ''
     staging_dir, release = None, None
+
+    def terminate(signal_number, frame):
+        # SIGTERM would end the process where it stands, leaving the staging folder behind; ended this way, the
+        # promotion cleans up and says what it did, as after Ctrl-C.
+        raise SystemExit(128 + signal_number)
+
+    def stopped_line(error):
+        """For Ctrl-C or SIGTERM: the stderr line saying whether the version was promoted; None for other errors."""
+        if not isinstance(error, (KeyboardInterrupt, SystemExit)):
+            return None
+        state = (f'version {version} was promoted: it is {version_dir}' if promoted else
+                 f'nothing was promoted; {serving_dir} is as it was')
+        return f'promote: {"interrupted" if isinstance(error, KeyboardInterrupt) else "terminated"}; {state}'
+
+    # Signal handlers can only be set in the main thread (a notebook may promote from another one). It stays set
+    # until the KFP outputs of a promoted version are written, or until the promotion ends otherwise.
+    previous_sigterm = [signal.signal(signal.SIGTERM, terminate)] \
+        if threading.current_thread() is threading.main_thread() else []
+
+    def restore_sigterm():
+        while previous_sigterm:
+            signal.signal(signal.SIGTERM, previous_sigterm.pop() or signal.SIG_DFL)  # None: one set outside Python
     try:
         try:
             for line in folder.clean_staging():
@@ -374,16 +399,17 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
         # Whatever stopped the promotion, the version is either whole in place or not there at all.
         promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
                                     and not os.path.exists(staging_dir))
-        if isinstance(error, KeyboardInterrupt):
-            state = (f'version {version} was promoted: it is {version_dir}' if promoted else
-                     f'nothing was promoted; {serving_dir} is as it was')
-            print(f'promote: interrupted; {state}', file=sys.stderr, flush=True)
+        restore_sigterm()
+        if stopped_line(error):
+            print(stopped_line(error), file=sys.stderr, flush=True)
         raise
     finally:
         if staging_dir is not None and os.path.exists(staging_dir):
             shutil.rmtree(staging_dir, ignore_errors=True)
         if release is not None:
             release()
+        if not promoted:
+            restore_sigterm()
     if not promoted:
         version = 0
         line = f'Not promoted: {refusal}; --force_export exports it anyway.'
@@ -410,15 +436,16 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
         ]})
         write_json(mlpipeline_ui_metadata_path, {'outputs': [
             {'type': 'markdown', 'storage': 'inline', 'source': f'## Promotion\n\n{line}\n'}]})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as error:
         if promoted:
-            print(f'promote: interrupted; version {version} was promoted: it is {version_dir}', file=sys.stderr,
-                  flush=True)
+            print(stopped_line(error), file=sys.stderr, flush=True)
         raise
     except OSError as error:
         state = f'version {version} was promoted: it is {version_dir}' if promoted else 'nothing was promoted'
         raise OSError(f'cannot write the KFP outputs of the promotion: {error.strerror or error} '
                       f'({error.filename}); {state}') from None
+    finally:
+        restore_sigterm()
     return collections.namedtuple('PromoteOutputs', ['promoted', 'model_version', 'decision'])(
         promoted, version, line)
 

@@ -422,6 +422,21 @@ def test_train_takes_a_plain_keras_npz_too_and_trains_exactly_epoch_steps(small_
     assert info['steps'] == 25, 'the optimizer took exactly --epoch steps'
 
 
+@pytest.mark.parametrize('environment, threads', [({}, '1 1'), ({'TF_NUM_INTRAOP_THREADS': '2'}, '0 0')])
+def test_train_runs_tensorflow_in_one_thread_unless_its_variables_say_otherwise(small_data_path, tmp_path,
+                                                                                 environment, threads):
+    # A fresh process, as TensorFlow's threads are fixed once it has run; '0 0' is TensorFlow's own choice (which
+    # then reads the variable).
+    code = ('import sys, mnist, tensorflow as tf; mnist.train(sys.argv[1], sys.argv[2], num_hidden_layer_1=8, '
+            'num_hidden_layer_2=8, epoch=2); print(tf.config.threading.get_intra_op_parallelism_threads(), '
+            'tf.config.threading.get_inter_op_parallelism_threads())')
+    environment = {'TF_NUM_INTRAOP_THREADS': '', 'TF_NUM_INTEROP_THREADS': '', **environment}
+    result = run_script('-c', code, small_data_path, str(tmp_path / 'model'), cwd=os.path.join(REPO, 'mnist_model'),
+                        env=environment)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == threads
+
+
 def test_cli_refuses_an_unwritable_export_folder_before_training(tmp_path):
     not_a_folder = tmp_path / 'file'
     not_a_folder.write_text('')

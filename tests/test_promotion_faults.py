@@ -210,6 +210,24 @@ def test_ctrl_c_in_the_pipelines_promote_step_says_whether_it_promoted(serving_d
         assert hidden_and_visible(serving_dir) == ([], ['1'])
 
 
+@pytest.mark.parametrize('fault, promoted', [('interrupt_while_copying', False), ('interrupt_after_rename', True)])
+def test_sigterm_in_the_pipelines_promote_step_cleans_up_and_says_whether_it_promoted(
+        serving_dir, exported_candidate, tmp_path, fault, promoted):
+    # A pod being stopped gets SIGTERM: the step ends with 143, the version whole in place or not there at all.
+    outputs = tmp_path / 'outputs'
+    process = subprocess.run(
+        [PYTHON, '-c', promote_step_program(), '--export-dir', exported_candidate, '--serving-dir', serving_dir,
+         '--force-export', 'True', '--mlpipeline-metrics', str(outputs / 'metrics'), '--mlpipeline-ui-metadata',
+         str(outputs / 'ui'), '----output-paths', str(outputs / 'a'), str(outputs / 'b'), str(outputs / 'c')],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, 'PYTHONPATH': FAULTS, 'PROMOTE_FAULT': fault, 'PROMOTE_SIGNAL': 'TERM'})
+    assert process.returncode == 143 and 'Traceback' not in process.stderr, process.stderr
+    state = (f'version 2 was promoted: it is {os.path.join(serving_dir, "2")}' if promoted
+             else f'nothing was promoted; {serving_dir} is as it was')
+    assert process.stderr.strip().splitlines()[-1] == f'promote: terminated; {state}'
+    assert hidden_and_visible(serving_dir) == ([], ['1', '2'] if promoted else ['1'])
+
+
 def test_ctrl_c_in_mnist_py_says_the_version_was_promoted(serving_dir, small_data_path):
     process = run_script(MNIST_PY, '--data', small_data_path, '--export_dir', serving_dir, '--log_dir', '',
                          *TINY_FLAGS, '--epoch=20', '--force_export',

@@ -6,7 +6,7 @@ PYTHONPATH; the environment variable PROMOTE_FAULT chooses the fault:
     interrupt_after_rename    Ctrl-C right after a folder is renamed to an integer name (a version lands)
     disk_full_after_bytes=N   os.sendfile (how shutil copies on Linux) fails with ENOSPC once N bytes were copied
 
-and PROMOTE_HOSTNAME, if set, is the host name socket.gethostname() returns: the process acts as a pod on another
+PROMOTE_SIGNAL=TERM sends SIGTERM (a pod being stopped) instead of SIGINT for the two interrupts. PROMOTE_HOSTNAME, if set, is the host name socket.gethostname() returns: the process acts as a pod on another
 host that mounts the same volume, whose processes this host cannot see.
 
     PYTHONPATH=tests/faults PROMOTE_FAULT=interrupt_after_rename python3 mnist_model/mnist.py ...
@@ -22,7 +22,7 @@ if os.environ.get('PROMOTE_HOSTNAME'):
 
 
 def interrupt():
-    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGTERM if os.environ.get('PROMOTE_SIGNAL') == 'TERM' else signal.SIGINT)
 
 
 if FAULT == 'interrupt_while_copying':
