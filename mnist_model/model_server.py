@@ -17,9 +17,11 @@ Endpoints (NAME is --model_name, N an integer version; without /versions/N the l
     GET  <prometheus_config.path>                 Prometheus metrics, with --monitoring_config_file
     GET  / and /draw                              a page to draw a digit on and see what the model reads (draw.html)
 Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked (Transfer-Encoding: chunked).
-Concurrent predicts are merged into one signature call (serving_batching.py; on by default, unlike TF Serving:
---enable_batching=false turns it off). Per-request log lines are opt-in (--access_log), and stderr can never block
-a request, even when nobody reads it (serving_log.py).
+A predict with a small body is parsed, checked and answered in the event loop; concurrent predicts are merged
+there into one signature call, which a batch thread makes while the loop reads the next requests
+(serving_batching.py; on by default, unlike TF Serving: --enable_batching=false turns it off). Large or compressed
+bodies are decoded in a thread pool, so that the loop never stalls on them. Per-request log lines are opt-in
+(--access_log), and stderr can never block a request, even when nobody reads it (serving_log.py).
 Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label), 404 (unknown model or
 version), 405 (wrong method), 408 (head or body too slow), 411 (no length), 413 (body over --max_request_bytes, also
 once decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or
@@ -35,6 +37,7 @@ Example:
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -63,10 +66,14 @@ DRAW_PAGE_PATHS = ('/', '/draw')
 DRAW_PAGE_HEADERS = [(b'content-security-policy', b"default-src 'none'; script-src 'unsafe-inline'; "
                       b"style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"),
                      (b'cache-control', b'no-cache')]
-# Threads that answer requests (a predict waits in one for its batch); more requests in flight wait for a free one.
+# Threads for the work that would stall the event loop: large or compressed bodies, large replies, GET requests
+# while others are in flight, and the signature calls of --enable_batching=false.
 REQUEST_THREADS = 64
-# A request alone in the server with a body up to this size is answered in the event loop (a 784-pixel row is 3 KB).
+# A predict body up to this size (uncompressed) is parsed and checked in the event loop (a 784-pixel row is 3 KB, and
+# takes about 50 us); a larger one in a pool thread.
 INLINE_BODY_BYTES = 64 * 1024
+# A reply of at most this many output values is written in the event loop (orjson: about 10 us per 1 000).
+INLINE_REPLY_VALUES = 4096
 # A gzip body is read in pieces this large, so that each member's leftover input (which zlib copies) stays small
 # and many small members cost time in proportion to their bytes; and it may hold at most this many members.
 GZIP_PIECE_BYTES = 4096
@@ -250,10 +257,12 @@ class ClientGone(Exception):
 
 
 class RestApp:
-    """TF Serving's REST API as an ASGI application. The body is read in the event loop; everything else (gunzip,
-    JSON, the signature call, the reply's JSON) runs in a thread of `pool` whenever another request is in flight, so
-    that concurrent predicts meet in one batch and none waits for another's work. A lone request with a small body
-    is answered in the event loop itself: a request arriving meanwhile waits for that one predict at most."""
+    """TF Serving's REST API as an ASGI application, in the event loop. A predict with a small body is decoded,
+    parsed and checked in the loop (about 50 us for a 784-pixel row), joins the runner's batch queue there, and its
+    reply is written there too; only the signature call runs in a batch thread (serving_batching.py). A larger body
+    (over INLINE_BODY_BYTES, or compressed) is decoded and checked in a thread of `pool`, so that the loop never stalls
+    on it, and then joins the batches like the others; so do large replies. Other requests are answered in the loop
+    when they are alone in the server, else in the pool."""
 
     def __init__(self, settings, repository, runner, metrics, pool):
         self.settings = settings
@@ -264,8 +273,6 @@ class RestApp:
         # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
         # GET.
         self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
-        # A batch that waits for more requests must not wait in the event loop, which they would have to pass.
-        self.answer_inline = settings.batching is None or settings.batching.batch_timeout_micros == 0
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
@@ -286,12 +293,15 @@ class RestApp:
         except ClientGone:
             return
         else:
-            if self.answer_inline and len(body) <= INLINE_BODY_BYTES and len(scope.get(IN_FLIGHT, ())) <= 1:
-                # The only request in flight: answered in the event loop, which saves two thread hand-overs.
-                self.answer(exchange, method, path, body, head)
+            in_flight = scope.get(IN_FLIGHT, ())
+            loop = asyncio.get_running_loop()
+            if len(body) <= INLINE_BODY_BYTES and head.content_encoding.strip().lower() in (b'', b'identity') \
+                    and (method == 'POST' or len(in_flight) <= 1):
+                predict = self.answer(exchange, method, path, body, head)
             else:
-                await asyncio.get_running_loop().run_in_executor(self.pool, self.answer, exchange, method, path,
-                                                                 body, head)
+                predict = await loop.run_in_executor(self.pool, self.answer, exchange, method, path, body, head)
+            if predict is not None:
+                await self.predict(exchange, method, path, predict, len(in_flight) <= 1)
         headers = [(b'content-type', exchange.content_type.encode()),
                    (b'content-length', str(len(exchange.payload)).encode()), *exchange.headers]
         if exchange.close:
@@ -345,7 +355,8 @@ class RestApp:
         return parts[0] if len(parts) == 1 else b''.join(parts)
 
     def answer(self, exchange, method, path, body, head):
-        """Route one request and fill in its reply (in a pool thread); every failure becomes {"error": ...}."""
+        """Route one request and fill in its reply, or return the checked predict still to run as (served version,
+        PredictRequest). Every failure becomes {"error": ...}."""
         # Other methods on a page's path are REST API requests, answered "Malformed request" as any path outside it.
         page = self.pages.get(path.split('?', 1)[0]) if method == 'GET' else None
         try:
@@ -355,19 +366,43 @@ class RestApp:
                 exchange.close = True
                 exchange.fail(405, f'method {method} is not allowed: use GET or POST')
             else:
-                exchange.payload = self.answer_api(exchange, method, path, body, head)
-        except RequestError as error:
+                reply = self.answer_api(exchange, method, path, body, head)
+                if not isinstance(reply, bytes):
+                    return reply
+                exchange.payload = reply
+        except Exception as error:
+            self.fail(exchange, method, path, error)
+        return None
+
+    async def predict(self, exchange, method, path, predict, alone):
+        """Run a checked predict (in the loop's batch queue) and fill in its reply."""
+        served, request = predict
+        try:
+            outputs = await self.runner.run(served, request.signature_name, request.arrays, alone)
+            if sum(array.size for array in outputs.values()) <= INLINE_REPLY_VALUES:
+                exchange.payload = encode_predict_reply(outputs, request.row_format)
+            else:
+                exchange.payload = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, encode_predict_reply, outputs, request.row_format)
+        except Exception as error:
+            self.fail(exchange, method, path, error)
+
+    def fail(self, exchange, method, path, error):
+        """Fill in the reply to a request that failed: its RequestError, or 500 for anything else."""
+        if isinstance(error, RequestError):
             exchange.fail(error.status, error.message,
                           allow=('POST' if ':' in path.split('?', 1)[0].rsplit('/', 1)[-1] else 'GET')
                           if error.status == 405 else None)
-        except Exception as error:  # The server keeps answering whatever one request does.
-            log_line(f'Internal error on "{printable(method + " " + path)}": {type(error).__name__}: '
-                     f'{printable(str(error), 300)}')
-            exchange.close = True
-            exchange.fail(500, f'internal server error: {type(error).__name__}')
+            return
+        # The server keeps answering whatever one request does.
+        log_line(f'Internal error on "{printable(method + " " + path)}": {type(error).__name__}: '
+                 f'{printable(str(error), 300)}')
+        exchange.close = True
+        exchange.fail(500, f'internal server error: {type(error).__name__}')
 
     def answer_api(self, exchange, method, path, body, head):
-        """Answer a request to TF Serving's REST API (/v1/models/...); returns the JSON reply body."""
+        """Answer a request to TF Serving's REST API (/v1/models/...): returns the JSON reply body, or for a predict
+        (served version, PredictRequest) to run."""
         repository = self.repository
         name, suffix, version = parse_path(path)
         check_model_name(name, suffix, version, repository.model_name)
@@ -392,8 +427,7 @@ class RestApp:
             raise RequestError(400, f'malformed predict request: {type(error).__name__}: '
                                     f'{printable(str(error), 200)}') from None
         exchange.signature_name = request.signature_name
-        outputs = self.runner.run(served, request.signature_name, request.arrays)
-        return encode_predict_reply(outputs, request.row_format)
+        return served, request
 
     def label(self, exchange, method, path):
         """Whether the request counts in the metrics (REST API requests do), and its model_name label."""
@@ -458,9 +492,9 @@ def serve(settings):
                                  load_retry_seconds=settings.load_retry_seconds)
     if metrics is not None:
         metrics.watch_versions(repository)
-    runner = DirectRunner(metrics, settings.model_name) if settings.batching is None \
-        else Batcher(settings.batching, metrics, settings.model_name)
     pool = concurrent.futures.ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix='request')
+    runner = DirectRunner(metrics, settings.model_name, pool) if settings.batching is None \
+        else Batcher(settings.batching, metrics, settings.model_name, pool)
     app = RestApp(settings, repository, runner, metrics, pool)
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
@@ -490,10 +524,14 @@ def serve(settings):
         log_line(f'Shutting down: no new connections; requests in flight get up to '
                  f'{settings.limits.shutdown_grace_seconds:g} s (--shutdown_grace_seconds)')
         repository.stop()
+        # Called in the signal handler, which runs in the event loop's thread between two of its steps: the
+        # batcher's state may only change in a step of its own.
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon_threadsafe(runner.stop)
 
     serve_app(app, sock, settings.limits, on_bad_request=app.record_refused, on_stopping=stopping)
     repository.stop()
-    runner.stop()
+    runner.close()
     pool.shutdown(wait=True, cancel_futures=True)
     if poller is not None:
         poller.join(timeout=5)

@@ -3,12 +3,14 @@
 Two real server subprocesses on free loopback ports serve the small test model (conftest.py): one without batching,
 started the way a careless script starts it (stderr a pipe that is never read, one access line per request), and
 one whose batches hold at most 4 rows, so that 4 requests sent together make exactly one batch. The batching code
-itself is also tested in this process with a stand-in for the signature call.
+itself is also tested in this process, driven from an event loop as the server drives it, with a stand-in for
+the signature call.
 
 Example:
     python3 -m pytest -q tests/test_model_server_concurrency.py
 """
 
+import asyncio
 import base64
 import http.client
 import io
@@ -18,6 +20,7 @@ import re
 import signal
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -175,56 +178,138 @@ def test_batching_refuses_requests_larger_than_a_batch_and_logs_no_access_lines(
     assert '"POST ' not in batching['log'].read_text()
 
 
-@pytest.mark.parametrize('batch_threads, timeout_micros', [(1, 0), (2, 1000)])
-def test_batcher_gives_every_request_its_own_rows_under_many_threads(monkeypatch, batch_threads, timeout_micros):
-    """The Batcher itself, with a stand-in for the signature call that doubles its input and fails on negative
-    numbers and, like TensorFlow, lets other threads run while it computes: 16 threads send requests of 1 to 3 rows,
-    some failing; each gets exactly its own answer."""
-    import random
-    import time
+class DoublingSignature:
+    """A stand-in for a served version and its signature call (serving_batching.call_signature), which doubles its
+    input and fails on negative numbers; like TensorFlow, it lets other threads run while it computes, and it can be
+    held until `release` is set. `batch_rows` records the rows of every call."""
 
-    import serving_batching
-    from serving_config import BatchingParameters
+    batchable = {'double': True}
 
-    batch_rows = []
+    def __init__(self, seconds=0.0002):
+        self.callers = {'double': self}
+        self.seconds = seconds
+        self.batch_rows = []
+        self.release = threading.Event()
+        self.release.set()
 
-    def double(function, arrays):
-        batch_rows.append(len(arrays['x']))
-        time.sleep(0.0002)
+    def __call__(self, function, arrays):
+        import serving_batching
+
+        assert function is self
+        self.batch_rows.append(len(arrays['x']))
+        self.release.wait(timeout=30)
+        time.sleep(self.seconds)
         if (arrays['x'] < 0).any():
             raise serving_batching.RequestError(400, 'negative input')
         return {'y': arrays['x'] * 2}
 
-    class Served:
-        signatures = {'double': object()}
-        batchable = {'double': True}
 
-    monkeypatch.setattr(serving_batching, 'call_signature', double)
-    batcher = serving_batching.Batcher(BatchingParameters(max_batch_size=3, batch_timeout_micros=timeout_micros,
-                                                          max_enqueued_batches=1000, num_batch_threads=batch_threads),
-                                       metrics=None, model_name='mnist')
+def make_batcher(monkeypatch, served, **parameters):
+    import serving_batching
+    from serving_config import BatchingParameters
+
+    monkeypatch.setattr(serving_batching, 'call_signature', served)
+    return serving_batching.Batcher(BatchingParameters(**parameters), metrics=None, model_name='mnist', pool=None)
+
+
+@pytest.mark.parametrize('batch_threads, timeout_micros', [(1, 0), (2, 0), (2, 1000)])
+def test_batcher_gives_every_request_its_own_rows_under_many_concurrent_requests(monkeypatch, batch_threads,
+                                                                                 timeout_micros):
+    """The Batcher itself, driven from an event loop as the server drives it: 16 clients send 100 requests each, of
+    1 to 3 rows, some failing, some marked as alone in the server (which may run them in the loop); each gets
+    exactly its own answer, and requests are merged into fewer calls."""
+    import random
+
+    import serving_batching
+
+    served = DoublingSignature()
+    batcher = make_batcher(monkeypatch, served, max_batch_size=3, batch_timeout_micros=timeout_micros,
+                           max_enqueued_batches=1000, num_batch_threads=batch_threads)
     wrong = []
 
-    def client(seed):
+    async def client(seed):
         chance = random.Random(seed)
         for index in range(100):
             rows = np.full((chance.randint(1, 3), 2), seed * 1000 + index)
             failing = chance.random() < 0.05
             rows[0, 0] = -1 if failing else rows[0, 0]
             try:
-                answer = batcher.run(Served, 'double', {'x': rows})['y']
+                answer = (await batcher.run(served, 'double', {'x': rows}, alone=chance.random() < 0.1))['y']
                 wrong.extend([] if not failing and np.array_equal(answer, rows * 2) else [(seed, index, answer)])
             except serving_batching.RequestError as error:
                 wrong.extend([] if failing and error.message == 'negative input' else [(seed, index, error)])
+            # Clients arrive at different moments, as over HTTP.
+            await asyncio.sleep(chance.random() * 0.0005)
 
-    # Daemon threads with one deadline for all: a lost wake-up fails the test instead of hanging it.
-    clients = [threading.Thread(target=client, args=(seed,), daemon=True) for seed in range(16)]
-    for thread in clients:
-        thread.start()
-    deadline = time.monotonic() + 60
-    for thread in clients:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in clients) and wrong == []
+    async def all_clients():
+        # One deadline for all: a lost wake-up fails the test instead of hanging it.
+        await asyncio.wait_for(asyncio.gather(*[client(seed) for seed in range(16)]), timeout=60)
+
+    try:
+        asyncio.run(all_clients())
+    finally:
+        batcher.close()
+    assert wrong == []
     # Requests were merged: fewer calls than requests despite the extra calls of failed batches.
-    assert len(batch_rows) < 1600 and max(batch_rows) == 3
-    assert batcher.queues == {} and batcher.leaders == 0
+    assert len(served.batch_rows) < 1600 and max(served.batch_rows) == 3
+    assert batcher.queues == {} and batcher.running == 0 and batcher.timers == {}
+
+
+def test_batcher_limits_hold_while_a_batch_runs(monkeypatch):
+    """At most max_batch_size rows per request (400), at most max_enqueued_batches batches waiting (503), one batch
+    at a time with num_batch_threads 1, and what queued while a batch ran is the next batch."""
+    import serving_batching
+
+    served = DoublingSignature()
+    batcher = make_batcher(monkeypatch, served, max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=2,
+                           num_batch_threads=1)
+
+    async def scenario():
+        served.release.clear()
+        first = asyncio.ensure_future(batcher.run(served, 'double', {'x': np.full((1, 2), 1)}))
+        await asyncio.sleep(0.05)
+        assert batcher.running == 1 and served.batch_rows == [1]
+        # Four rows wait: two batches, the most that may wait; one more row would make a third.
+        queued = [asyncio.ensure_future(batcher.run(served, 'double', {'x': np.full((1, 2), 10 + index)}))
+                  for index in range(4)]
+        await asyncio.sleep(0.05)
+        assert served.batch_rows == [1] and batcher.queued_rows
+        with pytest.raises(serving_batching.RequestError) as full:
+            await batcher.run(served, 'double', {'x': np.full((1, 2), 99)})
+        assert full.value.status == 503
+        with pytest.raises(serving_batching.RequestError) as too_large:
+            await batcher.run(served, 'double', {'x': np.full((3, 2), 99)})
+        assert too_large.value.status == 400 and 'Task size 3 is larger' in too_large.value.message
+        served.release.set()
+        answers = await asyncio.wait_for(asyncio.gather(first, *queued), timeout=30)
+        return [answer['y'][0, 0] for answer in answers]
+
+    try:
+        assert asyncio.run(scenario()) == [2, 20, 22, 24, 26]
+    finally:
+        served.release.set()  # a failed assertion must not leave the batch thread held
+        batcher.close()
+    assert served.batch_rows == [1, 2, 2]
+
+
+def test_batcher_waits_batch_timeout_for_a_batch_that_is_not_full(monkeypatch):
+    """A batch that is not full waits batch_timeout_micros for more requests (here 1 s), and one that is full goes at
+    once; both answer every request with its own rows."""
+    served = DoublingSignature(seconds=0)
+    batcher = make_batcher(monkeypatch, served, max_batch_size=4, batch_timeout_micros=1_000_000,
+                           max_enqueued_batches=10, num_batch_threads=1)
+
+    async def timed(count):
+        started = time.monotonic()
+        answers = await asyncio.wait_for(asyncio.gather(*[
+            batcher.run(served, 'double', {'x': np.full((1, 2), index)}, alone=True) for index in range(count)]), 30)
+        assert [answer['y'][0, 0] for answer in answers] == [2 * index for index in range(count)]
+        return time.monotonic() - started
+
+    try:
+        waited_partial = asyncio.run(timed(2))
+        waited_full = asyncio.run(timed(4))
+    finally:
+        batcher.close()
+    assert waited_partial >= 0.95 and waited_full < 0.9
+    assert served.batch_rows == [2, 4]

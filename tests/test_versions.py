@@ -126,3 +126,36 @@ def test_only_ascii_digit_names_are_versions(tmp_path, model_base_dir, name, is_
     os.mkdir(tmp_path / name)
     shutil.copy(os.path.join(model_base_dir, '1', 'saved_model.pb'), tmp_path / name)
     assert serving_versions.list_versions(str(tmp_path)) == ([int(name)] if is_version else [])
+
+
+def test_predicts_use_the_direct_call_path_only_where_it_gives_the_public_calls_outputs(model_base_dir):
+    """Every signature of a loaded version answers through a FlatCall that gives exactly what the public call gives;
+    a signature function without TensorFlow's internal attribute, or whose direct path answers differently, keeps
+    the public call."""
+    import numpy as np
+    import tensorflow as tf
+
+    served = serving_versions.load_version(str(model_base_dir), max(model_server.list_versions(str(model_base_dir))))
+    assert all(isinstance(served.callers[name], serving_versions.FlatCall) for name in served.signatures)
+    pixels = tf.constant(np.random.default_rng(0).integers(0, 256, (3, 784)).astype(np.float32))
+    public = served.signatures['serving_default'](pixels=pixels)
+    direct = served.callers['serving_default'](pixels=pixels)
+    assert direct.keys() == public.keys()
+    assert all(np.array_equal(direct[name].numpy(), public[name].numpy()) for name in public)
+
+    function = served.signatures['serving_default']
+    examples = {'pixels': pixels}
+
+    class WithoutInternals:
+        structured_input_signature = function.structured_input_signature
+        structured_outputs = function.structured_outputs
+
+        def __call__(self, **tensors):
+            return function(**tensors)
+
+    stand_in = WithoutInternals()
+    assert serving_versions.checked_flat_call('serving_default', stand_in, examples, public) is stand_in
+    other = {name: tensor + 1 for name, tensor in public.items()}
+    assert serving_versions.checked_flat_call('serving_default', function, examples, other) is function
+    assert isinstance(serving_versions.checked_flat_call('serving_default', function, examples, public),
+                      serving_versions.FlatCall)
