@@ -649,6 +649,7 @@ def read_settings(args):
             else BatchingParameters()
     metrics_path = read_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
     limits = HttpLimits(max_connections=args.max_connections, header_timeout_seconds=args.header_timeout_seconds,
+                        body_timeout_seconds=args.body_timeout_seconds,
                         shutdown_grace_seconds=args.shutdown_grace_seconds)
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
                           args.file_system_poll_wait_seconds, args.max_request_bytes, args.access_log, metrics_path,
@@ -685,6 +686,9 @@ def main(argv=None):
     parser.add_argument('--header_timeout_seconds', type=positive_float, default=10.0,
                         help='total time a client has to send a request\'s head (request line and headers), and '
                              'to send its first request after connecting; then 408 and close (default: 10)')
+    parser.add_argument('--body_timeout_seconds', type=positive_float, default=30.0,
+                        help='longest time without any part of a request body arriving; then 408 and close '
+                             '(default: 30)')
     parser.add_argument('--shutdown_grace_seconds', type=non_negative_float, default=10.0,
                         help='on SIGTERM or Ctrl-C, how long requests in flight may take to finish before the '
                              'server exits (default: 10)')

@@ -1,6 +1,7 @@
 """Shared fixtures: a small slice of the bundled data and one model exported from it, made once per test session."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -16,6 +17,11 @@ TINY_HPARAMS = {'num_hidden_layer_1': 64, 'num_hidden_layer_2': 32, 'dropout': 1
                 'epoch': 300, 'batch_size': 128, 'seed': 0}
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# A shell without job control starts background commands with SIGINT ignored, and the processes the tests start
+# would inherit that and ignore the Ctrl-C the tests send them. A handled signal is reset to the default in a
+# started program, as in a user's terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_script(*args, cwd=REPO, timeout=300, env=None):

@@ -39,7 +39,8 @@ def server(model_base_dir, tmp_path_factory):
     log_path = folder / 'server.log'
     with open(log_path, 'wb') as log_file:
         process = model_server.launch(model_base_dir, port, [
-            f'--max_connections={MAX_CONNECTIONS}', '--header_timeout_seconds=1', '--access_log',
+            f'--max_connections={MAX_CONNECTIONS}', '--header_timeout_seconds=1', '--body_timeout_seconds=1',
+            '--access_log',
             '--file_system_poll_wait_seconds=0', f'--monitoring_config_file={folder / "monitoring.config"}'],
             log_file)
     try:
@@ -141,6 +142,21 @@ def test_a_head_sent_slowly_is_cut_off_after_the_header_timeout(server):
         started = time.monotonic()
         assert closed_by_server(idle)
         assert time.monotonic() - started < 4
+
+
+def test_a_body_that_stops_arriving_is_cut_off_after_the_body_timeout(server):
+    """A client that sends its head and part of its body, then nothing: 408 once 1 s passed without any of it."""
+    with connect(server['port']) as connection:
+        connection.sendall(b'POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n')
+        for _ in range(3):  # Body that keeps arriving, more often than the timeout, is not cut off.
+            time.sleep(0.5)
+            connection.sendall(b'{')
+        started = time.monotonic()
+        status, headers, body = read_reply(connection)
+        seconds = time.monotonic() - started
+    assert status.startswith('HTTP/1.1 408') and headers['connection'] == 'close', status
+    assert 'no part of the request body arrived for 1 s' in json.loads(body)['error']
+    assert 0.9 < seconds < 4, seconds
 
 
 def test_a_body_sent_with_a_get_is_read_and_dropped_and_the_connection_stays_in_step(server):
