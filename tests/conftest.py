@@ -30,6 +30,22 @@ def run_script(*args, cwd=REPO, timeout=300, env=None):
                           env={**os.environ, **(env or {})})
 
 
+def read_reply(connection):
+    """Read one HTTP reply from a socket: (status line, headers as a dict of lower-cased names and values, body
+    bytes)."""
+    data = b''
+    while b'\r\n\r\n' not in data:
+        chunk = connection.recv(65536)
+        assert chunk, f'connection closed before a full reply: {data!r}'
+        data += chunk
+    head, _, body = data.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.lower().split(': ', 1) for line in lines[1:])
+    while len(body) < int(headers['content-length']):
+        body += connection.recv(65536)
+    return lines[0], headers, body
+
+
 @pytest.fixture(scope='session')
 def small_data_path(tmp_path_factory):
     """The first 3000 training and 1000 test examples of the bundled data, in the Keras npz layout."""

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 import model_server
+from conftest import read_reply
 
 MAX_CONNECTIONS = 8
 METRICS_PATH = '/monitoring/prometheus/metrics'
@@ -54,21 +55,6 @@ def server(model_base_dir, tmp_path_factory):
 
 def connect(port):
     return socket.create_connection(('127.0.0.1', port), timeout=10)
-
-
-def read_reply(connection):
-    """Read one HTTP reply: (status line, lower-case headers dict, body bytes)."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        chunk = connection.recv(65536)
-        assert chunk, f'connection closed before a full reply: {data!r}'
-        data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    headers = dict(line.lower().split(': ', 1) for line in lines[1:])
-    while len(body) < int(headers['content-length']):
-        body += connection.recv(65536)
-    return lines[0], headers, body
 
 
 def closed_by_server(connection, timeout=10):

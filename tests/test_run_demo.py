@@ -148,7 +148,7 @@ def test_the_short_budget_pipeline_run_is_declined_and_the_served_version_stays(
     assert (f'  [pipeline] declined: its model scored {accuracy}, below the {baseline} of version 1; version 1 is '
             f'still served. --force_export would have exported it anyway.') in text.splitlines()
     # The report: its headline counts it, a note says it in words, its row is marked.
-    assert f'versions<b>2 promoted, 1 declined</b>' in page
+    assert 'versions<b>2 promoted, 1 declined</b>' in page
     words = page_text(page)
     assert (f'The promotion rule said no to the pipeline run: its model scored test accuracy {accuracy}, below the '
             f'{baseline} of version 1. Version 1 is still the one served; --force_export would have exported it '
