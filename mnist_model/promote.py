@@ -400,8 +400,9 @@ def promote(export_dir: InputPath('SavedModel'), serving_dir: str, mlpipeline_me
         promoted = promoted or bool(version_dir and os.path.isdir(version_dir) and staging_dir
                                     and not os.path.exists(staging_dir))
         restore_sigterm()
-        if stopped_line(error):
-            print(stopped_line(error), file=sys.stderr, flush=True)
+        stopped = stopped_line(error)
+        if stopped:
+            print(stopped, file=sys.stderr, flush=True)
         raise
     finally:
         if staging_dir is not None and os.path.exists(staging_dir):
