@@ -42,7 +42,9 @@ from typing import NamedTuple
 
 import yaml
 
-from mnist_model import mnist
+# The trainer's modules import each other by name, as the pipeline components that embed them do.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_model'))
+import mnist  # noqa: E402 (after the path it is found on)
 
 
 class Parameter(NamedTuple):
@@ -492,8 +494,10 @@ def retrain_command(hparams, extra_flags):
 
 def check_data(data):
     """Validates --data once before any trial starts, with the trainer's own loader; raises ValueError/OSError."""
+    from load_data import load_data
+
     with tempfile.TemporaryDirectory() as work_dir:
-        mnist.load_data(data, os.path.join(work_dir, 'dataset.npz'))
+        load_data(data, os.path.join(work_dir, 'dataset.npz'))
 
 
 # Which flags each mode reads; a flag given in a mode that ignores it is an error, so every flag does what it says.

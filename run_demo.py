@@ -36,10 +36,12 @@ import urllib.request
 import numpy as np
 
 import demo_report
-from mnist_model.pipeline_cli import KFP2_VENV, find_kfp2_python
-from mnist_model.promote import serving_folder
 
 REPO = os.path.dirname(os.path.abspath(__file__))
+# The trainer's modules import each other by name, as the pipeline components that embed them do.
+sys.path.insert(0, os.path.join(REPO, 'mnist_model'))
+import serving_folder  # noqa: E402 (after the path it is found on)
+from pipeline_cli import KFP2_VENV, find_kfp2_python  # noqa: E402
 MNIST_PY = os.path.join('mnist_model', 'mnist.py')
 PIPELINE_PY = os.path.join('mnist_model', 'mnist_pipeline.py')
 PIPELINE_V2_PY = os.path.join('mnist_model', 'mnist_pipeline_v2.py')
@@ -206,7 +208,7 @@ class Demo:
     def served_version(self):
         """The version the serving folder serves now (the largest one a server loads: promote's definition), or None
         while the folder has none or does not exist yet."""
-        return max(serving_folder(self.serving_dir).versions(), default=None)
+        return max(serving_folder.versions(self.serving_dir), default=None)
 
     def record_decisions(self, name, output, served_before):
         """Add the promotion decisions a stage printed to the list of versions and candidates; a declined one is

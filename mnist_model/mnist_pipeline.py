@@ -1,8 +1,9 @@
 """Kubeflow Pipelines (v1) pipeline for the MNIST demo: compile it, run it locally, upload, run and schedule it.
 
-The pipeline is the trainer's own step functions from mnist.py -- load_data -> train -> evaluate -> export [->
-promote] -- turned into lightweight components (kfp 1.8 `create_component_from_func`) that run in a pinned
-TensorFlow image with no run-time pip installs (air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
+The pipeline is the trainer's own steps -- load_data -> train -> evaluate -> export [-> promote], each a module
+beside this file -- as lightweight components (kfp 1.8 `create_component_from_func`) whose program embeds the step's
+module files verbatim (component_source.py), running in a pinned TensorFlow image with no run-time pip installs
+(air-gapped clusters have no PyPI). Steps pass files (npz, Keras model folder, JSON, SavedModel
 folder); only the hyperparameters travel as parameters. The evaluate step writes `mlpipeline_metrics` (accuracy as a
 percentage, loss) and `mlpipeline_ui_metadata` (confusion matrix and a markdown summary) for the run's page.
 
@@ -30,7 +31,7 @@ with the "Allow access to Kubeflow Pipelines" configuration the projected token 
 /var/run/secrets/kubeflow/pipelines/token is used automatically.
 """
 import datetime
-import inspect
+import importlib.util
 import json
 import logging
 import os
@@ -39,8 +40,6 @@ import shutil
 import sys
 import tempfile
 import time
-import types
-import typing
 import warnings
 
 import kfp
@@ -50,6 +49,7 @@ from kfp import components, dsl
 from kfp.components._yaml_utils import dump_yaml
 from kubernetes import client as k8s_client
 
+import component_source
 import mnist
 import pipeline_cli
 # The names on the cluster, the command line and the authentication are shared with mnist_pipeline_v2.py.
@@ -67,32 +67,36 @@ TOKEN_FILE = pipeline_cli.TOKEN_FILE
 POLL_SECONDS = 10
 
 
-def component_from_step(step):
-    """A lightweight component made of one of mnist.py's step functions. mnist.py keeps its kfp annotations
-    (InputPath, OutputPath) as strings so that the trainer runs without kfp; they are resolved here, on a copy of
-    the function, so that mnist's own functions stay as they are. A step's trained_model parameter (the model in
-    memory, when mnist.run runs the steps in one process) is left out: between components only files travel."""
-    names = {'InputPath': components.InputPath, 'OutputPath': components.OutputPath, 'NamedTuple': typing.NamedTuple}
-    function = types.FunctionType(step.__code__, step.__globals__, step.__name__, step.__defaults__, step.__closure__)
-    function.__doc__, function.__kwdefaults__ = step.__doc__, step.__kwdefaults__
-    signature = inspect.signature(step, globals=names, eval_str=True)
-    function.__signature__ = signature.replace(
-        parameters=[parameter for name, parameter in signature.parameters.items() if name != 'trained_model'])
-    factory = components.create_component_from_func(function, base_image=BASE_IMAGE)
-    # kfp 1.8 parses bool arguments with distutils, which Python 3.12 removed; this parser accepts the same words.
+def component_from_step(name):
+    """The KFP v1 component of the step `name` (component_source.STEP_MODULES): kfp 1.8's lightweight component of
+    the step function, for its interface and its thin entry point (argparse from the container's arguments to the
+    function's parameters, and the returned values to output files), with kfp's copy of the function replaced by the
+    step's modules embedded verbatim. kfp reads the interface from a stub of the step function (its signature and
+    docstring), so that compiling the pipeline imports neither the step nor TensorFlow."""
+    module_name = component_source.STEP_MODULES[name][-1]
+    with tempfile.TemporaryDirectory(prefix='mnist-component-') as folder:
+        stub_path = os.path.join(folder, f'{module_name}.py')
+        with open(stub_path, 'w', encoding='utf-8') as stub_file:
+            stub_file.write(component_source.signature_stub(name))
+        specification = importlib.util.spec_from_file_location(f'_signature_of_{module_name}', stub_path)
+        stub = importlib.util.module_from_spec(specification)
+        specification.loader.exec_module(stub)
+        factory = components.create_component_from_func(getattr(stub, module_name), base_image=BASE_IMAGE)
     container = factory.component_spec.implementation.container
-    container.command[-1] = container.command[-1].replace(
+    program = component_source.embed_step(container.command[-1], name, module_name, replace_function=True)
+    # kfp 1.8 parses bool arguments with distutils, which Python 3.12 removed; this parser accepts the same words.
+    container.command[-1] = program.replace(
         '    from distutils.util import strtobool\n    return strtobool(s) == 1',
         "    return {'y': True, 'yes': True, 't': True, 'true': True, 'on': True, '1': True, 'n': False, 'no': False,\n"
         "            'f': False, 'false': False, 'off': False, '0': False}[s.lower()]")
     return factory
 
 
-load_data_op = component_from_step(mnist.load_data)
-train_op = component_from_step(mnist.train)
-evaluate_op = component_from_step(mnist.evaluate)
-export_op = component_from_step(mnist.export)
-promote_op = component_from_step(mnist.promote)
+load_data_op = component_from_step('load-data')
+train_op = component_from_step('train')
+evaluate_op = component_from_step('evaluate')
+export_op = component_from_step('export')
+promote_op = component_from_step('promote')
 
 DEFAULTS = mnist.HYPERPARAMETER_DEFAULTS
 RULE_DEFAULTS = mnist.PROMOTION_DEFAULTS

@@ -5,11 +5,11 @@ Needs the second environment (requirements-kfp2.txt: the shared base plus kfp 2.
 kfp 1.8 and kfp 2 are both the package `kfp`, so they cannot share one environment. For KFP backends 2.x (Kubeflow
 1.10 and later); mnist_pipeline.py stays for KFP 1.x backends and for 2.x installs that still accept v1 pipelines.
 
-The steps are mnist.py's and promote.py's own step functions -- load_data -> train -> evaluate -> export [->
-promote] -- embedded verbatim in each component (kfp's `additional_funcs`) beside a thin adapter that maps the v2
-artifact types (Input[Dataset], Output[Model], Output[Metrics], Output[ClassificationMetrics]) to the step's file
-paths and logs the metrics the v2 run page shows; an adapter holds no step logic, and tests/test_pipeline_v2.py
-checks that its parameters and defaults are the step's. Every step runs in our own image (Dockerfile.kfp2:
+The steps are the trainer's own modules -- load_data -> train -> evaluate -> export [-> promote], each a file beside
+this one -- embedded verbatim in each component's program (component_source.py) beside a thin adapter that imports
+the step function from its module and maps the v2 artifact types (Input[Dataset], Output[Model], Output[Metrics],
+Output[ClassificationMetrics]) to the step's file paths and logs the metrics the v2 run page shows; an adapter holds
+no step logic, and tests/test_pipeline_v2.py checks that its parameters and defaults are the step's. Every step runs in our own image (Dockerfile.kfp2:
 TensorFlow and the pinned kfp 2) with kfp's run-time `pip install` turned off, and with caching off.
 
 Delivery: with serving_pvc set, a dsl.If runs the promote step with that claim mounted (kfp-kubernetes mount_pvc)
@@ -45,11 +45,10 @@ except ImportError as error:
                      f'$MNIST_KFP2_PYTHON') from None
 import kfp_server_api
 
+import component_source
 import mnist
 import pipeline_cli
-from mnist import evaluate, export, load_data, train
 from pipeline_cli import PIPELINE_NAME, SERVING_MOUNT
-from promote import promote
 
 # Our image for the steps, built from Dockerfile.kfp2 into your registry (`--image` sets it): TensorFlow 2.20 and
 # kfp 2.17.3 (the v2 executor that runs a lightweight component), so nothing is installed when a pod starts. The
@@ -62,18 +61,22 @@ RULE_DEFAULTS = mnist.PROMOTION_DEFAULTS
 
 
 # ------------------------------------------------------------------------------------------------------ adapters
-# Each adapter calls its step function by the step's own name: inside the component that name is the step's embedded
-# source (additional_funcs), here it is the function imported from mnist.py / promote.py.
+# Each adapter imports its step function from the step's module: inside the component that module is the one embedded
+# in the program, here it is the file beside this one.
 
 def load_data_step(data: str, dataset: Output[Dataset]):
-    """mnist.load_data, writing the dataset artifact."""
+    """load_data.load_data, writing the dataset artifact."""
+    from load_data import load_data
+
     load_data(data, dataset.path)
 
 
 def train_step(dataset: Input[Dataset], model: Output[Model], num_hidden_layer_1: int = 128,
                num_hidden_layer_2: int = 256, dropout: float = 1.0, learning_rate: float = 0.01, epoch: int = 2000,
                batch_size: int = 256, seed: int = 0, log_dir: str = ''):
-    """mnist.train, from the dataset artifact into the model artifact."""
+    """train.train, from the dataset artifact into the model artifact."""
+    from train import train
+
     train(dataset.path, model.path, num_hidden_layer_1=num_hidden_layer_1, num_hidden_layer_2=num_hidden_layer_2,
           dropout=dropout, learning_rate=learning_rate, epoch=epoch, batch_size=batch_size, seed=seed,
           log_dir=log_dir)
@@ -82,11 +85,13 @@ def train_step(dataset: Input[Dataset], model: Output[Model], num_hidden_layer_1
 def evaluate_step(dataset: Input[Dataset], model: Input[Model], evaluation: Output[Artifact],
                   metrics: Output[Metrics], confusion_matrix: Output[ClassificationMetrics]
                   ) -> NamedTuple('EvaluateOutputs', [('accuracy', float), ('loss', float)]):
-    """mnist.evaluate; its results JSON becomes the evaluation artifact, and accuracy (a fraction), loss and the
+    """evaluate.evaluate; its results JSON becomes the evaluation artifact, and accuracy (a fraction), loss and the
     confusion matrix go to the v2 run page as Metrics and ClassificationMetrics. The KFP v1 run-page files it also
     writes stay beside the evaluation artifact."""
     import json
     import os
+
+    from evaluate import evaluate
 
     kfp_v1_dir = os.path.join(os.path.dirname(evaluation.path), 'kfp-v1')
     accuracy, loss = evaluate(dataset.path, model.path, evaluation.path,
@@ -101,7 +106,9 @@ def evaluate_step(dataset: Input[Dataset], model: Input[Model], evaluation: Outp
 
 
 def export_step(model: Input[Model], evaluation: Input[Artifact], export_dir: Output[Model]):
-    """mnist.export: the candidate SavedModel as a model artifact."""
+    """export.export: the candidate SavedModel as a model artifact."""
+    from export import export
+
     export(model.path, evaluation.path, export_dir.path)
 
 
@@ -112,6 +119,8 @@ def promote_step(export_dir: Input[Model], serving_dir: str, metrics: Output[Met
     and as the step's output parameters. The KFP v1 run-page files it also writes stay beside the metrics artifact."""
     import os
 
+    from promote import promote
+
     kfp_v1_dir = os.path.join(os.path.dirname(metrics.path), 'kfp-v1')
     result = promote(export_dir.path, serving_dir, os.path.join(kfp_v1_dir, 'mlpipeline-metrics.json'),
                      os.path.join(kfp_v1_dir, 'mlpipeline-ui-metadata.json'), min_accuracy=min_accuracy,
@@ -121,16 +130,18 @@ def promote_step(export_dir: Input[Model], serving_dir: str, metrics: Output[Met
     return result
 
 
-# The step each adapter runs, by component name: the name of its task in the IR, the same as in the v1 pipeline.
-STEPS = {'load-data': (load_data_step, load_data), 'train': (train_step, train),
-         'evaluate': (evaluate_step, evaluate), 'export': (export_step, export),
-         'promote': (promote_step, promote)}
+# The adapter of each step, by component name: the name of its task in the IR, the same as in the v1 pipeline.
+ADAPTERS = {'load-data': load_data_step, 'train': train_step, 'evaluate': evaluate_step, 'export': export_step,
+            'promote': promote_step}
 
 
-def component_from_adapter(name: str, adapter, step, image: str):
-    """A v2 lightweight component named name: the step's own source and the adapter's, in the image, with kfp's
-    run-time pip install turned off (the image holds kfp)."""
-    component = dsl.component(adapter, base_image=image, install_kfp_package=False, additional_funcs=[step])
+def component_from_adapter(name: str, adapter, image: str):
+    """A v2 lightweight component named name: the adapter, with the step's modules embedded verbatim before it in
+    its program, in the image, with kfp's run-time pip install turned off (the image holds kfp)."""
+    component = dsl.component(adapter, base_image=image, install_kfp_package=False)
+    container = component.component_spec.implementation.container
+    container.command[-1] = component_source.embed_step(container.command[-1], name, adapter.__name__,
+                                                        replace_function=False)
     # The task names of the v1 pipeline (load-data, ...), not the adapters' (load-data-step, ...).
     component.component_spec.name = component.name = name
     return component
@@ -139,7 +150,7 @@ def component_from_adapter(name: str, adapter, step, image: str):
 def build_pipeline(image: str = IMAGE_PLACEHOLDER, serving_mount: str = SERVING_MOUNT):
     """The v2 pipeline with its steps in image. serving_mount is where the promote step finds the claim: SERVING_MOUNT
     on a cluster; a local run, which mounts nothing, passes its --serving_dir's parent folder."""
-    components = {name: component_from_adapter(name, adapter, step, image) for name, (adapter, step) in STEPS.items()}
+    components = {name: component_from_adapter(name, adapter, image) for name, adapter in ADAPTERS.items()}
 
     @dsl.pipeline(name=PIPELINE_NAME, description=pipeline_cli.PIPELINE_DESCRIPTION)
     def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],

@@ -18,10 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
-try:
-    import mnist
-except ModuleNotFoundError:  # Imported from the repository's top folder as mnist_model.pipeline_cli (run_demo.py).
-    from mnist_model import mnist
+import mnist
 
 PIPELINE_NAME = 'mnist-image-classification-pipeline'
 PIPELINE_DESCRIPTION = 'Pipeline for MNIST Image Classification'

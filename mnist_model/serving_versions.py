@@ -1,7 +1,7 @@
 """The model versions a model server holds: load SavedModel folders, serve the newest, keep the one before it warm.
 
 `<base_path>/<integer version>/` folders holding a `saved_model.pb` are versions, by the one definition that
-promotion shares (promote.serving_folder: names of ASCII digits only); every other name is ignored (`.tmp-*` exports
+promotion shares (serving_folder.py: names of ASCII digits only); every other name is ignored (`.tmp-*` exports
 being written, `.retired-*` versions taken out of service, `data/`, `²/`, ...). `ModelRepository`
 serves the largest version and keeps the second largest loaded as a warm standby, as TF Serving does with
 `model_version_policy { latest { num_versions: 2 } }`: both answer requests that name their version, requests that
@@ -27,7 +27,7 @@ import typing
 
 import numpy as np
 
-from promote import serving_folder
+import serving_folder
 from serving_log import log_line
 
 
@@ -77,9 +77,9 @@ def describe_input(spec):
 
 
 def list_versions(base_path):
-    """The sorted versions under base_path that a server loads (promote.serving_folder's definition, which the
+    """The sorted versions under base_path that a server loads (serving_folder.py's definition, which the
     promotion rule uses for the served version too); raises OSError if base_path exists but cannot be listed."""
-    return serving_folder(base_path).versions()
+    return serving_folder.versions(base_path)
 
 
 def read_signature_defs(saved_model_dir):

@@ -8,7 +8,12 @@ import sys
 import numpy as np
 import pytest
 
+import evaluate
+import export
+import load_data
 import mnist
+import promote
+import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHON = sys.executable
@@ -62,10 +67,10 @@ def trained_steps(tmp_path_factory, small_data_path):
     work = tmp_path_factory.mktemp('steps')
     paths = {name: str(work / name) for name in ('dataset.npz', 'model', 'metrics.json',
                                                   'mlpipeline-metrics.json', 'mlpipeline-ui-metadata.json')}
-    mnist.load_data(small_data_path, paths['dataset.npz'])
-    mnist.train(paths['dataset.npz'], paths['model'], **TINY_HPARAMS)
-    mnist.evaluate(paths['dataset.npz'], paths['model'], paths['metrics.json'], paths['mlpipeline-metrics.json'],
-                   paths['mlpipeline-ui-metadata.json'])
+    load_data.load_data(small_data_path, paths['dataset.npz'])
+    train.train(paths['dataset.npz'], paths['model'], **TINY_HPARAMS)
+    evaluate.evaluate(paths['dataset.npz'], paths['model'], paths['metrics.json'],
+                      paths['mlpipeline-metrics.json'], paths['mlpipeline-ui-metadata.json'])
     return paths
 
 
@@ -73,15 +78,15 @@ def trained_steps(tmp_path_factory, small_data_path):
 def exported_candidate(tmp_path_factory, trained_steps):
     """The small model exported as a candidate SavedModel folder (not yet a served version)."""
     export_dir = str(tmp_path_factory.mktemp('candidate') / 'export')
-    mnist.export(trained_steps['model'], trained_steps['metrics.json'], export_dir)
+    export.export(trained_steps['model'], trained_steps['metrics.json'], export_dir)
     return export_dir
 
 
 def promote_into(candidate, serving_dir, **rule):
     """promote() the candidate into serving_dir, with its KFP outputs beside serving_dir; returns its outputs."""
     outputs = os.path.join(os.path.dirname(os.path.abspath(serving_dir)), 'promote-outputs')
-    return mnist.promote(candidate, str(serving_dir), os.path.join(outputs, 'metrics.json'),
-                         os.path.join(outputs, 'ui-metadata.json'), **rule)
+    return promote.promote(candidate, str(serving_dir), os.path.join(outputs, 'metrics.json'),
+                           os.path.join(outputs, 'ui-metadata.json'), **rule)
 
 
 @pytest.fixture(scope='session')

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import drawn_digits
+import load_data
 import mnist
+import train
 from conftest import REPO, TINY_HPARAMS, run_script
 from user_digits import redraw_digits
 
@@ -234,11 +236,11 @@ def test_dropout_is_a_keep_probability(small_data_path, tmp_path):
     import keras
 
     dataset = str(tmp_path / 'dataset.npz')
-    mnist.load_data(small_data_path, dataset)
+    load_data.load_data(small_data_path, dataset)
     rates = {}
     for keep in (1.0, 0.75):
         model_dir = str(tmp_path / f'keep{keep}')
-        mnist.train(dataset, model_dir, num_hidden_layer_1=16, num_hidden_layer_2=8, dropout=keep, epoch=10)
+        train.train(dataset, model_dir, num_hidden_layer_1=16, num_hidden_layer_2=8, dropout=keep, epoch=10)
         model = keras.models.load_model(os.path.join(model_dir, 'model.keras'))
         rates[keep] = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
         assert [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)] == [16, 8, 10]
@@ -293,7 +295,7 @@ def test_load_data_reads_idx_folders(small_data_path, tmp_path, compress):
     for key, name in (('x_train', 'train-images-idx3-ubyte'), ('y_train', 'train-labels-idx1-ubyte'),
                       ('x_test', 't10k-images-idx3-ubyte'), ('y_test', 't10k-labels-idx1-ubyte')):
         write_idx(tmp_path / (name + suffix), arrays[key], compress)
-    mnist.load_data(str(tmp_path), str(tmp_path / 'out' / 'dataset'))
+    load_data.load_data(str(tmp_path), str(tmp_path / 'out' / 'dataset'))
     with np.load(tmp_path / 'out' / 'dataset', allow_pickle=False) as loaded:
         for key, array in arrays.items():
             np.testing.assert_array_equal(loaded[key], array)
@@ -302,7 +304,7 @@ def test_load_data_reads_idx_folders(small_data_path, tmp_path, compress):
 
 
 def test_load_data_records_the_bundled_checksum(tmp_path):
-    mnist.load_data(mnist.DEFAULT_DATA, str(tmp_path / 'dataset.npz'))
+    load_data.load_data(mnist.DEFAULT_DATA, str(tmp_path / 'dataset.npz'))
     with np.load(tmp_path / 'dataset.npz', allow_pickle=False) as loaded:
         assert str(loaded['source_sha256']) == '06af5dfe73b70e3bc1c36439982b18a8d76803db9b544f6fdf838a37fbb01b64'
         assert loaded['x_train'].shape == (60000, 28, 28) and loaded['y_test'].shape == (10000,)
@@ -325,7 +327,7 @@ def bad_npz(path, **changes):
 ])
 def test_load_data_rejects_invalid_arrays(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
-        mnist.load_data(bad_npz(tmp_path / 'bad.npz', **changes), str(tmp_path / 'out.npz'))
+        load_data.load_data(bad_npz(tmp_path / 'bad.npz', **changes), str(tmp_path / 'out.npz'))
 
 
 def test_load_data_rejects_truncated_idx(tmp_path, small_data_path):
@@ -336,10 +338,10 @@ def test_load_data_rejects_truncated_idx(tmp_path, small_data_path):
     content = (tmp_path / 't10k-images-idx3-ubyte').read_bytes()
     (tmp_path / 't10k-images-idx3-ubyte').write_bytes(content[:-100])
     with pytest.raises(ValueError, match='truncated or corrupt'):
-        mnist.load_data(str(tmp_path), str(tmp_path / 'out.npz'))
+        load_data.load_data(str(tmp_path), str(tmp_path / 'out.npz'))
     (tmp_path / 't10k-images-idx3-ubyte').unlink()
     with pytest.raises(FileNotFoundError, match='t10k-images-idx3-ubyte'):
-        mnist.load_data(str(tmp_path), str(tmp_path / 'out.npz'))
+        load_data.load_data(str(tmp_path), str(tmp_path / 'out.npz'))
 
 
 @pytest.mark.parametrize('make_data, message', [
@@ -415,7 +417,7 @@ def test_shipped_test_digits_are_the_documented_mnist_digits():
 
 def test_train_takes_a_plain_keras_npz_too_and_trains_exactly_epoch_steps(small_data_path, tmp_path):
     # 3000 examples make 11 whole batches of 256 a pass: 25 steps are two passes and part of a third.
-    mnist.train(small_data_path, str(tmp_path / 'model'), num_hidden_layer_1=8, num_hidden_layer_2=8, epoch=25)
+    train.train(small_data_path, str(tmp_path / 'model'), num_hidden_layer_1=8, num_hidden_layer_2=8, epoch=25)
     with open(tmp_path / 'model' / 'train.json') as file:
         info = json.load(file)
     assert info['data_source'] == small_data_path and info['train_examples'] == 3000
@@ -427,7 +429,7 @@ def test_train_runs_tensorflow_in_one_thread_unless_its_variables_say_otherwise(
                                                                                  environment, threads):
     # A fresh process, as TensorFlow's threads are fixed once it has run; '0 0' is TensorFlow's own choice (which
     # then reads the variable).
-    code = ('import sys, mnist, tensorflow as tf; mnist.train(sys.argv[1], sys.argv[2], num_hidden_layer_1=8, '
+    code = ('import sys, train, tensorflow as tf; train.train(sys.argv[1], sys.argv[2], num_hidden_layer_1=8, '
             'num_hidden_layer_2=8, epoch=2); print(tf.config.threading.get_intra_op_parallelism_threads(), '
             'tf.config.threading.get_inter_op_parallelism_threads())')
     environment = {'TF_NUM_INTRAOP_THREADS': '', 'TF_NUM_INTEROP_THREADS': '', **environment}

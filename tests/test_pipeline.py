@@ -11,6 +11,7 @@ import csv
 import email.parser
 import email.policy
 import http.server
+import importlib
 import inspect
 import io
 import json
@@ -20,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import urllib.parse
 
@@ -29,13 +29,15 @@ import numpy as np
 import pytest
 import yaml
 
+import component_source
 import mnist
 import mnist_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'mnist_model', 'mnist_pipeline.py')
-STEPS = {'load-data': mnist.load_data, 'train': mnist.train, 'evaluate': mnist.evaluate, 'export': mnist.export,
-         'promote': mnist.promote}
+# Each step's function, from its module (load_data.load_data, ..., promote.promote).
+STEPS = {name: getattr(importlib.import_module(modules[-1]), modules[-1])
+         for name, modules in component_source.STEP_MODULES.items()}
 PARAMETER_DEFAULTS = dict(mnist.HYPERPARAMETER_DEFAULTS, data_url=mnist_pipeline.DEFAULT_DATA_URL, serving_pvc='',
                           serving_path='mlops-demo/mnist_model', **mnist.PROMOTION_DEFAULTS)
 # Tiny training for the local run: a slice of the data, small layers, a few hundred steps.
@@ -146,38 +148,52 @@ def test_evaluate_emits_the_kfp_v1_metrics_and_ui_metadata_artifacts(workflow):
     assert {'mlpipeline-metrics', 'mlpipeline-ui-metadata'} <= {artifact['name'] for artifact in artifacts}
 
 
-def _function_definition(source: str, name: str) -> ast.FunctionDef:
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            return node
-    raise AssertionError(f'no function {name} in the component source')
+@pytest.mark.parametrize('template_name', sorted(STEPS))
+def test_component_embeds_the_step_modules_as_committed(workflow, template_name):
+    """The drift check: the program of each component holds its step's module files verbatim, and runs the step
+    function of the embedded module, not a copy of it."""
+    program = _templates(workflow)[template_name]['container']['command'][-1]
+    modules = component_source.embedded_modules(program)
+    assert list(modules) == list(component_source.STEP_MODULES[template_name])
+    for name, source in modules.items():
+        with open(os.path.join(REPO, 'mnist_model', f'{name}.py'), encoding='utf-8') as module_file:
+            assert source == module_file.read(), f'{name}.py changed: run python3 mnist_model/mnist_pipeline.py'
+    step = STEPS[template_name]
+    top_level = ast.parse(program).body
+    assert not [node for node in top_level if isinstance(node, ast.FunctionDef) and node.name == step.__name__]
+    imports = [node for node in top_level if isinstance(node, ast.ImportFrom) and node.module == step.__name__]
+    assert [[alias.name for alias in node.names] for node in imports] == [[step.__name__]]
+    assert f'_outputs = {step.__name__}(**_parsed_args)' in program
 
 
 @pytest.mark.parametrize('template_name', sorted(STEPS))
-def test_component_source_is_the_step_function(workflow, template_name):
-    step = STEPS[template_name]
+def test_every_parameter_of_the_step_reaches_it(workflow, template_name):
+    """kfp's entry point parses one flag per parameter of the step (but trained_model, the in-memory handover inside
+    one process) into its keyword of the same name, and the container passes each of those flags."""
     container = _templates(workflow)[template_name]['container']
-    embedded = _function_definition(container['command'][-1], step.__name__)
-    original = _function_definition(textwrap.dedent(inspect.getsource(step)), step.__name__)
-    # kfp strips the type hints (InputPath, NamedTuple, ...) from the copy; everything else must be identical.
-    original.returns = None
-    for argument in original.args.args + original.args.kwonlyargs:
-        argument.annotation = None
-    assert ast.dump(embedded) == ast.dump(original)
+    calls = [node for node in ast.walk(ast.parse(container['command'][-1]))
+             if isinstance(node, ast.Call) and getattr(node.func, 'attr', None) == 'add_argument']
+    parsed = {keyword.value.value for call in calls for keyword in call.keywords if keyword.arg == 'dest'}
+    parameters = set(inspect.signature(STEPS[template_name]).parameters) - {'trained_model'}
+    assert parsed - {'_output_paths'} == parameters
+    passed = json.dumps(container['args'])
+    for call in calls:
+        assert f'"{call.args[0].value}"' in passed, f'the container never passes {call.args[0].value}'
 
 
 NO_MATPLOTLIB = r'''
 import sys
 sys.modules['matplotlib'] = None  # Any import of matplotlib now fails, as in the tensorflow/tensorflow image.
-import mnist
+from load_data import load_data
+from train import train
 data, work = sys.argv[1:]
-mnist.load_data(data, work + '/dataset.npz')
+load_data(data, work + '/dataset.npz')
 tiny = dict(num_hidden_layer_1=16, num_hidden_layer_2=16, epoch=20, batch_size=128)
-mnist.train(work + '/dataset.npz', work + '/model', log_dir='', **tiny)
+train(work + '/dataset.npz', work + '/model', log_dir='', **tiny)
 print('trained without logs')
 # The check itself works: with a log folder, train() draws its figures and needs matplotlib.
 try:
-    mnist.train(work + '/dataset.npz', work + '/model-with-logs', log_dir=work + '/logs', **tiny)
+    train(work + '/dataset.npz', work + '/model-with-logs', log_dir=work + '/logs', **tiny)
 except ImportError as error:
     print('with logs:', error)
 '''

@@ -15,22 +15,20 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import threading
 
 import numpy as np
 import pytest
 import yaml
 
+import component_source
 import mnist
 import pipeline_cli
-from test_pipeline import _make_handler
+from test_pipeline import STEPS, _make_handler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'mnist_model', 'mnist_pipeline_v2.py')
 PACKAGE_PATH = os.path.join(REPO, 'mnist_model', 'mnist_pipeline_v2.yaml')
-STEPS = {'load-data': mnist.load_data, 'train': mnist.train, 'evaluate': mnist.evaluate, 'export': mnist.export,
-         'promote': mnist.promote}
 IMAGE = 'registry.example.com/team/mnist-pipeline-kfp2:1.0.0'
 PARAMETER_DEFAULTS = dict(mnist.HYPERPARAMETER_DEFAULTS, data_url=pipeline_cli.DEFAULT_DATA_URL, serving_pvc='',
                           serving_path='mlops-demo/mnist_model', **mnist.PROMOTION_DEFAULTS)
@@ -175,14 +173,18 @@ V2_RUN_PAGE_OUTPUTS = {'metrics', 'confusion_matrix'}
 
 @pytest.mark.parametrize('name', sorted(STEPS))
 def test_component_runs_the_step_function_through_a_thin_adapter(ir, name):
-    """The drift check: each component embeds its step's source verbatim, and an adapter with the step's own
-    parameters and defaults, its files as artifacts, that calls the step once."""
+    """The drift check: each component embeds its step's module files verbatim, and an adapter with the step's own
+    parameters and defaults, its files as artifacts, that imports the step from its module and calls it once."""
     step = STEPS[name]
     source = ir['spec']['deploymentSpec']['executors'][f'exec-{name}']['container']['command'][-1]
-    functions = _functions(source)
-    embedded = functions.pop(step.__name__)
-    original = _functions(textwrap.dedent(inspect.getsource(step)))[step.__name__]
-    assert ast.dump(embedded) == ast.dump(original)
+    modules = component_source.embedded_modules(source)
+    assert list(modules) == list(component_source.STEP_MODULES[name])
+    for module_name, module_text in modules.items():
+        with open(os.path.join(REPO, 'mnist_model', f'{module_name}.py'), encoding='utf-8') as module_file:
+            assert module_text == module_file.read(), f'{module_name}.py changed: run mnist_pipeline_v2.py'
+    embedded = _functions(modules[step.__name__])[step.__name__]
+    functions = {function_name: function for function_name, function in _functions(source).items()
+                 if function_name != component_source.DEFINE_MODULE}
     (adapter_name, adapter), = functions.items()
     assert adapter_name == f'{step.__name__}_step'
     args = ir['spec']['deploymentSpec']['executors'][f'exec-{name}']['container']['args']
@@ -196,6 +198,8 @@ def test_component_runs_the_step_function_through_a_thin_adapter(ir, name):
                 if parameter not in V1_RUN_PAGE_FILES}
     assert {parameter: default for parameter, default in adapter_parameters.items()
             if parameter not in V2_RUN_PAGE_OUTPUTS} == expected
+    imports = [node for node in ast.walk(adapter) if isinstance(node, ast.ImportFrom) and node.module == step.__name__]
+    assert [[alias.name for alias in node.names] for node in imports] == [[step.__name__]]
     step_calls = [node for node in ast.walk(adapter)
                   if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == step.__name__]
     (call,) = step_calls

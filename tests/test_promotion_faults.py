@@ -19,7 +19,7 @@ import yaml
 
 from bench.promotion_race_bench import PROMOTER  # The benchmark's racing promoter: spin, then promote.
 from conftest import PYTHON, REPO, TINY_HPARAMS, promote_into, run_script, set_recorded_accuracy
-from promote import serving_folder
+import serving_folder
 
 MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
 FAULTS = os.path.join(REPO, 'tests', 'faults')
@@ -59,7 +59,7 @@ def test_the_baseline_is_the_version_a_server_would_load(serving_dir, exported_c
     os.mkdir(os.path.join(serving_dir, '100'))
     shutil.copytree(os.path.join(serving_dir, '1'), os.path.join(serving_dir, '²'))
     set_recorded_accuracy(os.path.join(serving_dir, '²'), 0.10)
-    assert serving_folder(serving_dir).versions() == [1]
+    assert serving_folder.versions(serving_dir) == [1]
     worse = candidate_scoring(exported_candidate, tmp_path / 'worse', 0.30)
     outputs = promote_into(worse, serving_dir)
     assert outputs.decision == ('Not promoted: its test accuracy 0.3000 is below 0.9100 of version 1, which stays in '
@@ -97,7 +97,7 @@ def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(serv
     assert all(process.returncode == 0 for process in processes), [stderr for _, stderr in results]
     decisions = [stdout.strip() for stdout, _ in results]
     assert all(re.match(r'(Promoted|Not promoted): ', decision) for decision in decisions), decisions
-    versions = serving_folder(serving_dir).versions()
+    versions = serving_folder.versions(serving_dir)
     records = [accuracy_of(os.path.join(serving_dir, str(version))) for version in versions]
     scores = [record['accuracy'] for record in records]
     assert scores == sorted(scores), f'a worse model above a better one: versions {versions} score {scores}'
@@ -112,7 +112,7 @@ def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(serv
 def dead_process_record():
     """An owner record of a process of this host that has exited."""
     process = subprocess.run([PYTHON, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    record = serving_folder('.').owner()
+    record = serving_folder.owner()
     record.update(pid=int(process.stdout), start_time=1, token='dead')
     return record
 
@@ -122,7 +122,7 @@ def test_a_lock_left_by_a_dead_process_and_its_staging_folder_are_taken_over(ser
     os.mkdir(os.path.join(serving_dir, '.promotion-lock'))
     with open(os.path.join(serving_dir, '.promotion-lock', 'owner.json'), 'w') as file:
         json.dump(dead_process_record(), file)
-    for name, record in (('.tmp-dead', dead_process_record()), ('.tmp-alive', serving_folder('.').owner())):
+    for name, record in (('.tmp-dead', dead_process_record()), ('.tmp-alive', serving_folder.owner())):
         shutil.copytree(os.path.join(serving_dir, '1'), os.path.join(serving_dir, name))
         with open(os.path.join(serving_dir, name, '.promotion-owner.json'), 'w') as file:
             json.dump(record, file)
@@ -137,12 +137,12 @@ def test_a_lock_left_by_a_dead_process_and_its_staging_folder_are_taken_over(ser
 
 
 def test_a_live_holder_makes_others_wait_and_a_foreign_one_goes_stale(tmp_path):
-    folder = serving_folder(str(tmp_path))
-    still_held, release = folder.lock()
+    folder = str(tmp_path)
+    still_held, release = serving_folder.lock(folder)
     with pytest.raises(TimeoutError, match=rf'\.promotion-lock is held by pid {os.getpid()} on host '
                                            rf'{re.escape(socket.gethostname())} since .*: another promotion or '
                                            rf'retirement is running there \(waited 0\.3 s\)'):
-        folder.lock(wait_seconds=0.3)
+        serving_folder.lock(folder, wait_seconds=0.3)
     assert still_held()
     release()
     # A holder on another host cannot be asked whether it runs: its lock is taken over once it stayed unchanged.
@@ -150,7 +150,7 @@ def test_a_live_holder_makes_others_wait_and_a_foreign_one_goes_stale(tmp_path):
     (tmp_path / '.promotion-lock' / 'owner.json').write_text(json.dumps({'host': 'other-pod', 'pid': 1,
                                                                          'token': 'foreign'}))
     started = time.monotonic()
-    still_held, release = folder.lock(wait_seconds=5, stale_seconds=0.3)
+    still_held, release = serving_folder.lock(folder, wait_seconds=5, stale_seconds=0.3)
     assert 0.3 <= time.monotonic() - started < 3 and still_held()
     release()
     assert os.listdir(tmp_path) == []
