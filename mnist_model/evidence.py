@@ -6,22 +6,19 @@ way a server does (tf.saved_model.load) and runs its `serving_default` signature
 compares two such measurements (the candidate and the champion, the version a server serves now) example by example
 and digit by digit. Around them: `check_dataset` (what load_data must refuse), `test_set_fingerprint` (which test set
 a decision was made on), `signature_contract` and `contract_difference` (what clients of the served version rely on).
-Every failure is a ValueError with one line naming the problem.
+`gate` runs them in the gate's order in one call. Every failure is a ValueError with one line naming the problem.
 
 The module holds only the standard library and numpy at module level and imports TensorFlow inside the functions
 that need it, because the KFP steps embed its source verbatim and run it in the stock tensorflow/tensorflow image.
 
-Example (from mnist_model/, with versions 1 and 2 in a serving folder and a candidate exported to /tmp/candidate):
+Example (from mnist_model/, with versions 1 and 2 in serving/ and a candidate exported to /tmp/candidate):
 
     import numpy as np
     import evidence
     with np.load('data/mnist.npz', allow_pickle=False) as data:
-        images, labels = data['x_test'], data['y_test']
-    candidate = evidence.measure('/tmp/candidate', images, labels, name='the candidate')
-    version, champion, notes = evidence.find_champion([(2, 'serving/2'), (1, 'serving/1')], images, labels)
-    change = evidence.contract_difference(evidence.signature_contract('serving/2'),
-                                          evidence.signature_contract('/tmp/candidate'), 'version 2')
-    reason, record = evidence.judge(candidate, champion, evidence.Rule(), contract_change=change)
+        test_split = data['x_test'], data['y_test']
+    verdict = evidence.gate('/tmp/candidate', [(2, 'serving/2'), (1, 'serving/1')], test_split, evidence.Rule())
+    print(verdict.reason or 'promote', evidence.describe_evidence(verdict.record))
 """
 import hashlib
 import math
@@ -50,11 +47,13 @@ class Rule(NamedTuple):
                        this (a fraction: 0.02 is 2 points), in [0, 1]. 0.03: see docs/promotion.md.
     min_test_examples  the gate refuses to decide on fewer test images than this (>= 1). 1000: the quick demo's
                        test slice, the smallest set the demo decides on.
+    force_export       promote whatever the rule says; the record says what it would have said.
     """
     min_accuracy: float = 0.0
     min_improvement: float = 0.0
     max_digit_drop: float = 0.03
     min_test_examples: int = 1000
+    force_export: bool = False
 
 
 class TestSet(NamedTuple):
@@ -386,6 +385,8 @@ def check_rule(rule):
     """Raise ValueError (one line) unless every setting of the Rule is a number in its range."""
     ranges = {'min_accuracy': (0.0, 1.0), 'min_improvement': (0.0, math.inf), 'max_digit_drop': (0.0, 1.0),
               'min_test_examples': (1, math.inf)}
+    if not isinstance(rule.force_export, bool):
+        raise ValueError(f'--force_export must be true or false, got {rule.force_export!r}')
     for setting, (low, high) in ranges.items():
         value = getattr(rule, setting)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
@@ -465,7 +466,7 @@ def refusal(candidate, champion, rule, contract_change, paired):
     return ''
 
 
-def judge(candidate, champion, rule=Rule(), force=False, contract_change=''):
+def judge(candidate, champion, rule=Rule(), contract_change=''):
     """Decide on evidence: candidate and champion are Measurements on the same test set (champion None when no
     version is served), contract_change the contract_difference ('' when none). Returns (reason, record): reason is
     '' to promote, else the phrase that says why not; record is the JSON-ready decision record for run.json, the run
@@ -476,20 +477,70 @@ def judge(candidate, champion, rule=Rule(), force=False, contract_change=''):
       - its predictions equal the champion's on every test image (identical),
       - its accuracy is below the champion's + rule.min_improvement,
       - it is better overall but one digit's accuracy falls by more than rule.max_digit_drop.
-    force promotes regardless: the reason returned is '', the record's decision 'forced' and its reason what the
-    rule would have said. ValueError for settings out of range, measurements with numbers that are not finite or out
-    of range, or measured on different test sets."""
+    rule.force_export promotes regardless: the reason returned is '', the record's decision 'forced' and its reason
+    what the rule would have said. ValueError for settings out of range, measurements with numbers that are not
+    finite or out of range, or measured on different test sets."""
     check_rule(rule)
     for measurement in (candidate, champion):
         if measurement is not None:
             check_measurement(measurement)
     paired = compare(candidate, champion) if champion is not None else None
     reason = refusal(candidate, champion, rule, contract_change, paired)
-    record = {'decision': 'forced' if force else 'declined' if reason else 'promoted', 'reason': reason,
+    record = {'decision': decision_of(reason, rule), 'reason': reason,
               'test_set': candidate.test_set._asdict(), 'rule': rule._asdict(), 'contract_difference': contract_change,
               'candidate': summary_of(candidate), 'champion': summary_of(champion) if champion is not None else None,
               **(paired or {'identical_predictions': None})}
-    return ('' if force else reason), record
+    return ('' if rule.force_export else reason), record
+
+
+def decision_of(reason, rule):
+    """The record's decision: 'forced' under force_export, else 'declined' with a reason and 'promoted' without."""
+    return 'forced' if rule.force_export else 'declined' if reason else 'promoted'
+
+
+class Verdict(NamedTuple):
+    """What gate decided and on which evidence."""
+    reason: str                        # '' to promote, else why not (a phrase: 'its test accuracy ... is below ...')
+    record: dict                       # judge's JSON record, for run.json, the run pages and the report
+    candidate: Optional[Measurement]   # None when the candidate could not be measured
+    champion_version: Optional[int]    # the version it was compared with; None when none could be measured
+    champion: Optional[Measurement]
+    passed_over: list                  # one line per newer version that could not be measured (find_champion)
+
+
+def unmeasured_record(error, contract_change, rule, champion, test_set):
+    """(reason, record) for a candidate that measure refused: declined as breaking the contract when it does (a
+    model taking other inputs cannot be fed the test pixels), else as a model that cannot be measured."""
+    reason = (f'it breaks the serving contract: {contract_change}' if contract_change
+              else f'it cannot be measured: {error}')
+    return reason, {'decision': decision_of(reason, rule), 'reason': reason, 'test_set': test_set._asdict(),
+                    'rule': rule._asdict(), 'contract_difference': contract_change, 'candidate': None,
+                    'measurement_error': str(error),
+                    'champion': summary_of(champion) if champion is not None else None, 'identical_predictions': None}
+
+
+def gate(candidate_dir, versions, test_split, rule=Rule(), candidate=None):
+    """The whole gate in one call: read the candidate's contract (ValueError if candidate_dir holds no SavedModel),
+    measure the champion (find_champion over versions, (number, folder) pairs newest first), compare the contracts,
+    measure the candidate on test_split, an (images, labels) pair, and judge. A candidate that loads but cannot be
+    measured is declined (force_export still promotes it, and the record says why it was not measured). candidate:
+    a Measurement of the same candidate from an earlier call, not measured again (the decision under the promotion
+    lock, against a version served meanwhile). Returns a Verdict."""
+    images, labels = test_split
+    check_rule(rule)
+    candidate_contract = signature_contract(candidate_dir)
+    version, champion, passed_over = find_champion(versions, images, labels)
+    change = ('' if champion is None else
+              contract_difference(signature_contract(champion.folder), candidate_contract, champion.name))
+    if candidate is None:
+        try:
+            candidate = measure(candidate_dir, images, labels, name='the candidate')
+        except ValueError as error:
+            test_set = test_set_fingerprint(np.asarray(images).reshape(len(images), *IMAGE_SHAPE), labels)
+            reason, record = unmeasured_record(error, change, rule, champion, test_set)
+            return Verdict('' if rule.force_export else reason, record, None, version, champion, passed_over)
+    reason, record = judge(candidate, champion, rule, change)
+    return Verdict(reason, record, candidate, version, champion, passed_over)
 
 
 # ------------------------------------------------------------------------------------------------ for the reader
@@ -513,6 +564,8 @@ def describe_evidence(record):
     images, sha256 1a2b3c4d: 120 fixed, 39 broken, digit 7 down 0.0050 at most'."""
     test_set = describe_test_set(TestSet(**record['test_set']))
     candidate, champion = record['candidate'], record['champion']
+    if candidate is None:
+        return f'the candidate could not be measured on {test_set}'
     if champion is None:
         return f'candidate {candidate["accuracy"]:.4f} on {test_set}; no version served to compare with'
     drop = record['largest_digit_drop']
@@ -524,13 +577,19 @@ def describe_evidence(record):
 
 def per_digit_table(record):
     """The per-digit accuracies of a judge record as a markdown table (for the KFP run pages, the console and the
-    report): a row per digit and one for all, columns for the champion (if any), the candidate and the change."""
-    candidate, champion = record['candidate'], record['champion']
-    if champion is None:
-        rows = [f'| {digit} | {value:.4f} |' for digit, value in enumerate(candidate['per_digit'])]
-        return '\n'.join(['| digit | candidate |', '|---|---|', *rows, f'| all | {candidate["accuracy"]:.4f} |'])
-    rows = [f'| {digit} | {old:.4f} | {new:.4f} | {new - old:+.4f} |'
-            for digit, (old, new) in enumerate(zip(champion['per_digit'], candidate['per_digit']))]
-    total = candidate['accuracy'] - champion['accuracy']
-    return '\n'.join([f'| digit | {champion["name"]} | candidate | change |', '|---|---|---|---|', *rows,
-                      f'| all | {champion["accuracy"]:.4f} | {candidate["accuracy"]:.4f} | {total:+.4f} |'])
+    report): a row per digit and one for all; a column for the champion and one for the candidate (each if
+    measured), and the change when both were."""
+    champion, candidate = record['champion'], record['candidate']
+    columns = []
+    if champion is not None:
+        columns.append((champion['name'], [*champion['per_digit'], champion['accuracy']], '.4f'))
+    if candidate is not None:
+        columns.append(('candidate', [*candidate['per_digit'], candidate['accuracy']], '.4f'))
+    if len(columns) == 2:
+        columns.append(('change', [new - old for old, new in zip(columns[0][1], columns[1][1])], '+.4f'))
+    if not columns:
+        return ''
+    lines = ['| digit | ' + ' | '.join(title for title, _, _ in columns) + ' |', '|---' * (len(columns) + 1) + '|']
+    for row, label in enumerate([*map(str, range(DIGITS)), 'all']):
+        lines.append(f'| {label} | ' + ' | '.join(format(values[row], style) for _, values, style in columns) + ' |')
+    return '\n'.join(lines)

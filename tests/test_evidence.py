@@ -2,6 +2,7 @@
 serving contract read from real and hand-made SavedModels, the measurement through serving_default and the rule's
 decisions on real measurements, at tiny size (the conftest's small model on 1000 test images)."""
 import ast
+import json
 import math
 import os
 import shutil
@@ -187,8 +188,6 @@ def test_a_folder_without_a_saved_model_has_no_contract(tmp_path):
 # ------------------------------------------------------------------------------------------------- measurement
 
 def test_measure_gives_the_trainers_figures(exported_candidate, trained_steps, small_data):
-    import json
-
     _, _, x_test, y_test = small_data
     measured = evidence.measure(exported_candidate, x_test, y_test, name='the candidate')
     with open(trained_steps['metrics.json']) as file:
@@ -263,6 +262,8 @@ def test_a_better_model_is_promoted_and_a_worse_one_declined(measured):
     assert record['identical_predictions'] is False
     assert record['fixed'] - record['broken'] == round((better.accuracy - worse.accuracy) * 1000)
     assert record['candidate']['per_digit'] == [round(value, 6) for value in better.per_digit]
+    # The record goes into run.json as it is: plain JSON, no NaN.
+    assert json.loads(json.dumps(record, allow_nan=False)) == record
     reason, record = evidence.judge(worse._replace(name='the candidate'), better._replace(name='version 3'))
     assert reason == f'its test accuracy {worse.accuracy:.4f} is below {better.accuracy:.4f} of version 3'
     assert record['decision'] == 'declined' and record['reason'] == reason
@@ -274,7 +275,7 @@ def test_an_identical_model_is_declined_unless_forced(measured):
     assert reason == ('its predictions equal those of version 3 on all 1 000 test images: it serves nothing new '
                       '(identical)')
     assert record['identical_predictions'] is True and record['changed_predictions'] == 0
-    reason, record = evidence.judge(better, better._replace(name='version 3'), force=True)
+    reason, record = evidence.judge(better, better._replace(name='version 3'), evidence.Rule(force_export=True))
     assert reason == '' and record['decision'] == 'forced' and 'identical' in record['reason']
 
 
@@ -307,7 +308,7 @@ def test_the_floor_the_margin_the_test_set_size_and_the_contract(measured):
     assert evidence.judge(better, None, evidence.Rule(min_test_examples=10000))[0] == (
         'it was measured on only 1 000 test images; the gate decides on at least 10 000 (--min_test_examples)')
     change = 'signature serving_default: input pixels is float32[-1,100] in the candidate, float32[-1,784] in version 2'
-    reason, record = evidence.judge(better, worse, contract_change=change, force=True)
+    reason, record = evidence.judge(better, worse, evidence.Rule(force_export=True), change)
     assert reason == '' and record['reason'] == f'it breaks the serving contract: {change}'
     assert record['contract_difference'] == change
     reason, record = evidence.judge(better, None)
@@ -321,8 +322,9 @@ def test_numbers_that_are_not_evidence_are_refused(measured, small_data):
         with pytest.raises(ValueError, match='the candidate: its '):
             evidence.judge(broken, worse)
     for rule in (evidence.Rule(min_accuracy=float('nan')), evidence.Rule(min_improvement=-0.5),
-                 evidence.Rule(max_digit_drop=True), evidence.Rule(min_test_examples=0)):
-        with pytest.raises(ValueError, match=r'^--\w+ must be a number'):
+                 evidence.Rule(max_digit_drop=True), evidence.Rule(min_test_examples=0),
+                 evidence.Rule(force_export='yes')):
+        with pytest.raises(ValueError, match=r'^--\w+ must be (a number|true or false)'):
             evidence.judge(better, worse, rule)
     _, _, x_test, y_test = small_data
     other_set = better._replace(test_set=evidence.test_set_fingerprint(x_test[:999], y_test[:999]))
@@ -355,6 +357,50 @@ def test_a_changed_test_set_is_named(measured):
     for malformed in (None, 'accuracy=9', {'test_set': {'examples': True, 'sha256': 'x'}}, {'test_set': []}):
         assert evidence.test_set_change(better.test_set, malformed, 'version 2') == (
             'version 2 has no record of the test set it was judged on')
+
+
+def test_the_gate_measures_both_and_declines_worse_identical_and_contract_breaking(
+        exported_candidate, worse_candidate, tmp_path, small_data):
+    _, _, x_test, y_test = small_data
+    test_split = (x_test, y_test)
+    # The better model against the worse one served: promoted, on evidence measured now.
+    verdict = evidence.gate(exported_candidate, [(2, worse_candidate)], test_split)
+    assert verdict.reason == '' and verdict.champion_version == 2 and verdict.passed_over == []
+    assert verdict.record['champion']['name'] == 'version 2' and verdict.record['decision'] == 'promoted'
+    # The worse against the better: declined. The same model again: declined as identical.
+    assert evidence.gate(worse_candidate, [(3, exported_candidate)], test_split).reason.startswith(
+        'its test accuracy ')
+    assert evidence.gate(exported_candidate, [(3, exported_candidate)], test_split).reason.endswith('(identical)')
+    # A model taking 100 inputs cannot be fed the test pixels: declined with the contract's first difference.
+    narrow = save_module(tmp_path / 'narrow', width=100)
+    verdict = evidence.gate(narrow, [(3, exported_candidate)], test_split)
+    assert verdict.reason == ('it breaks the serving contract: signature serving_default: input pixels is '
+                              'float32[-1,100] in the candidate, float32[-1,784] in version 3')
+    assert verdict.candidate is None and 'serving_default takes pixels' in verdict.record['measurement_error']
+    forced = evidence.gate(narrow, [(3, exported_candidate)], test_split, evidence.Rule(force_export=True))
+    assert forced.reason == '' and forced.record['decision'] == 'forced'
+    assert forced.record['reason'] == verdict.reason
+    assert evidence.per_digit_table(forced.record).splitlines()[0] == '| digit | version 3 |'
+    assert evidence.describe_evidence(forced.record).startswith('the candidate could not be measured on 1 000 ')
+
+
+def test_the_gate_under_the_lock_reuses_the_candidates_measurement(exported_candidate, worse_candidate,
+                                                                   small_data, monkeypatch):
+    _, _, x_test, y_test = small_data
+    first = evidence.gate(exported_candidate, [], (x_test, y_test))
+    assert first.reason == '' and first.champion is None and first.record['champion'] is None
+    measured_folders = []
+    real_measure = evidence.measure
+
+    def counting_measure(folder, *rest, **named):
+        measured_folders.append(folder)
+        return real_measure(folder, *rest, **named)
+
+    monkeypatch.setattr(evidence, 'measure', counting_measure)
+    again = evidence.gate(exported_candidate, [(1, worse_candidate)], (x_test, y_test), candidate=first.candidate)
+    assert measured_folders == [worse_candidate] and again.reason == '' and again.champion_version == 1
+    with pytest.raises(ValueError, match='cannot read saved_model.pb'):
+        evidence.gate(os.path.dirname(worse_candidate), [], (x_test, y_test))
 
 
 def test_the_module_can_be_embedded_in_a_component():
