@@ -18,11 +18,11 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The modules each step's component embeds, in the order they import each other; the step is the function of the last
 # one, named like it (promote.promote).
 STEP_MODULES = {
-    'load-data': ('load_data',),
+    'load-data': ('evidence', 'load_data'),
     'train': ('train',),
     'evaluate': ('evaluate',),
     'export': ('export',),
-    'promote': ('serving_folder', 'promote'),
+    'promote': ('serving_folder', 'evidence', 'promote'),
 }
 # The function that registers one embedded module; its name marks the embedded texts for the tests that read them.
 DEFINE_MODULE = '_define_module'

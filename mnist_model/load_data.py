@@ -1,8 +1,8 @@
 """The first step: read MNIST, check it and write it as one npz file for the steps after it.
 
 It reads a Keras-layout npz (x_train y_train x_test y_test), a folder of the four MNIST IDX files (gzipped or not), or
-an http(s) URL of an npz (the pipeline's data_url), and writes an uncompressed npz of uint8 arrays plus the source and
-its sha256. The KFP components embed this module's source verbatim (mnist_pipeline.py, mnist_pipeline_v2.py).
+an http(s) URL of an npz (the pipeline's data_url), checks that it is fit to train and judge on, and writes an
+uncompressed npz of uint8 arrays plus the source and its sha256. The KFP components embed this module's source verbatim (mnist_pipeline.py, mnist_pipeline_v2.py).
 
     python3 -c "import load_data; load_data.load_data('data/mnist.npz', '/tmp/dataset.npz')"   # from mnist_model/
 """
@@ -17,6 +17,8 @@ import zipfile
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+import evidence
 
 if TYPE_CHECKING:
     # The step functions' InputPath/OutputPath annotations stay strings at run time: the pipeline scripts resolve them
@@ -109,26 +111,14 @@ def read_source(data):
     raise FileNotFoundError(f'{data}: no such file or folder')
 
 
-def check_split(images, labels, split, data):
-    """ValueError naming what is wrong with one split's images or labels."""
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-        raise ValueError(f'{data}: {split} images must be uint8 of shape (N, 28, 28), '
-                         f'got {images.dtype} {images.shape}')
-    if labels.ndim != 1 or labels.dtype.kind not in 'iu':
-        raise ValueError(f'{data}: {split} labels must be a 1-D integer array, got {labels.dtype} {labels.shape}')
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f'{data}: {len(images)} {split} images but {len(labels)} labels')
-    if labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f'{data}: {split} labels must be digits 0-9, found {labels.min()}..{labels.max()}')
-
-
 def load_data(data: str, dataset_path: OutputPath('npz')):
     """Read MNIST from a Keras-layout npz, a folder of the four IDX files or an http(s) URL of an npz, validate
     it and write it to dataset_path as an uncompressed npz of uint8 arrays (x_train y_train x_test y_test) plus
-    the source and its sha256. Raises ValueError or FileNotFoundError with a one-line message."""
+    the source and its sha256. The checks (evidence.check_dataset) refuse data unfit to train and judge on: images
+    that are not uint8 28x28, labels that are not digits 0-9, a test split without every digit, and test images that
+    are exact copies of training images. Raises ValueError or FileNotFoundError with a one-line message."""
     (x_train, y_train, x_test, y_test), checksum = read_source(data)
-    check_split(x_train, y_train, 'train', data)
-    check_split(x_test, y_test, 'test', data)
+    evidence.check_dataset(x_train, y_train, x_test, y_test, data)
     os.makedirs(os.path.dirname(os.path.abspath(dataset_path)), exist_ok=True)
     # An open file stops np.savez from appending ".npz" to a path KFP chose.
     with open(dataset_path, 'wb') as file:

@@ -29,7 +29,8 @@ import os
 import sys
 import tempfile
 
-from promote import PROMOTION_DEFAULTS, promote, retire
+from promote import (PROMOTION_DEFAULTS, add_promotion_arguments, checked, non_negative_int, positive_int, promote,
+                     promotion_rule_from, retire)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, 'data', 'mnist.npz')
@@ -47,7 +48,7 @@ HYPERPARAMETER_DEFAULTS = {
 
 def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
     """Run load_data -> train -> evaluate [-> export -> promote into export_dir] in a temporary folder and return
-    the results as a dict. rule holds promote()'s min_accuracy, min_improvement and force_export."""
+    the results as a dict. rule holds promote()'s settings (PROMOTION_DEFAULTS overridden)."""
     # The steps import TensorFlow: loaded here, so that --help, --retire and a bad flag answer at once.
     from evaluate import evaluate
     from export import export
@@ -70,7 +71,7 @@ def run(data, hparams, log_dir='', export_dir=None, model_version=0, rule=None):
         promotion = None
         if export_dir:
             export(path('model'), path('metrics.json'), path('export'), trained_model=model)
-            promotion = promote(path('export'), export_dir, path('promote-kfp-metrics.json'),
+            promotion = promote(path('export'), path('dataset.npz'), export_dir, path('promote-kfp-metrics.json'),
                                 path('promote-kfp-ui-metadata.json'), model_version=model_version,
                                 **{**PROMOTION_DEFAULTS, **(rule or {})})
     version = promotion.model_version if promotion else None
@@ -96,25 +97,8 @@ def format_metrics(accuracy, loss):
     return f'accuracy={accuracy:.6f}\nloss={loss:.6f}'
 
 
-def _checked(convert, allowed, is_valid):
-    """An argparse type that converts a value and names the allowed range when it is out of it."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not is_valid(value):
-            raise argparse.ArgumentTypeError(f'must be {allowed}, got {text!r}')
-        return value
-    return parse
-
-
-positive_int = _checked(int, 'an integer >= 1', lambda value: value >= 1)
-keep_probability = _checked(float, 'a keep probability in (0, 1]', lambda value: 0.0 < value <= 1.0)
-positive_float = _checked(float, 'a number > 0', lambda value: 0.0 < value < float('inf'))
-non_negative_int = _checked(int, 'an integer >= 0', lambda value: value >= 0)
-accuracy_floor = _checked(float, 'a test accuracy in [0, 1]', lambda value: 0.0 <= value <= 1.0)
-non_negative_float = _checked(float, 'a number >= 0', lambda value: 0.0 <= value < float('inf'))
+keep_probability = checked(float, 'a keep probability in (0, 1]', lambda value: 0.0 < value <= 1.0)
+positive_float = checked(float, 'a number > 0', lambda value: 0.0 < value < float('inf'))
 
 
 def add_hyperparameter_arguments(parser):
@@ -145,23 +129,6 @@ def add_hyperparameter_arguments(parser):
 def hyperparameters_from(args):
     """The hyperparameter values of parsed arguments, as the dict run() takes."""
     return {name: getattr(args, name) for name in HYPERPARAMETER_DEFAULTS}
-
-
-def add_promotion_arguments(parser):
-    """Add the promotion rule's flags (see promote): shared by this script, the Katib trial and the pipeline."""
-    parser.add_argument('--min_accuracy', type=accuracy_floor, default=PROMOTION_DEFAULTS['min_accuracy'],
-                        help='promote only a model whose test accuracy is at least this, in [0, 1] '
-                             '(default: %(default)s)')
-    parser.add_argument('--min_improvement', type=non_negative_float, default=PROMOTION_DEFAULTS['min_improvement'],
-                        help='promote only a model whose test accuracy is at least the served version\'s plus this, '
-                             '>= 0; 0 promotes a tie (default: %(default)s)')
-    parser.add_argument('--force_export', action='store_true',
-                        help='export as a new version regardless of the promotion rule')
-
-
-def promotion_rule_from(args):
-    """The promotion settings of parsed arguments, as the dict run() takes as its rule."""
-    return {name: getattr(args, name) for name in PROMOTION_DEFAULTS}
 
 
 def main(argv=None):

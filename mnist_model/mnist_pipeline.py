@@ -115,9 +115,12 @@ def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
                    serving_path: str = DEFAULT_SERVING_PATH,
                    min_accuracy: float = RULE_DEFAULTS['min_accuracy'],
                    min_improvement: float = RULE_DEFAULTS['min_improvement'],
+                   max_digit_drop: float = RULE_DEFAULTS['max_digit_drop'],
+                   min_test_examples: int = RULE_DEFAULTS['min_test_examples'],
                    force_export: bool = RULE_DEFAULTS['force_export']):
     """Load MNIST, train the MLP, evaluate it on the test set and export a SavedModel; with serving_pvc, promote it
-    into that claim's serving_path folder if it is at least as good as the version served there.
+    into that claim's serving_path folder if the gate finds it better than the version served there, both measured
+    on this run's test split.
 
     dropout is the KEEP probability (1.0 = no dropout); epoch is the number of training steps (mini-batches).
     """
@@ -129,9 +132,11 @@ def mnist_pipeline(num_hidden_layer_1: int = DEFAULTS['num_hidden_layer_1'],
     exported = export_op(model=model.outputs['model'], metrics=evaluation.outputs['metrics'])
     tasks = [data, model, evaluation, exported]
     with dsl.Condition(serving_pvc != '', name='deliver'):
-        promotion = promote_op(export_dir=exported.outputs['export_dir'],
+        # The gate measures the candidate and the served version on the run's own test split.
+        promotion = promote_op(export_dir=exported.outputs['export_dir'], dataset=data.outputs['dataset'],
                                serving_dir=f'{SERVING_MOUNT}/{serving_path}', min_accuracy=min_accuracy,
-                               min_improvement=min_improvement, force_export=force_export)
+                               min_improvement=min_improvement, max_digit_drop=max_digit_drop,
+                               min_test_examples=min_test_examples, force_export=force_export)
         # The claim's name is the run's parameter: the same compiled pipeline delivers to any notebook's volume.
         promotion.add_volume(k8s_client.V1Volume(
             name='serving', persistent_volume_claim=k8s_client.V1PersistentVolumeClaimVolumeSource(

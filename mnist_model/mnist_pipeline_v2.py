@@ -112,21 +112,27 @@ def export_step(model: Input[Model], evaluation: Input[Artifact], export_dir: Ou
     export(model.path, evaluation.path, export_dir.path)
 
 
-def promote_step(export_dir: Input[Model], serving_dir: str, metrics: Output[Metrics], min_accuracy: float = 0.0,
-                 min_improvement: float = 0.0, force_export: bool = False, model_version: int = 0
+def promote_step(export_dir: Input[Model], dataset: Input[Dataset], serving_dir: str, metrics: Output[Metrics],
+                 min_accuracy: float = 0.0, min_improvement: float = 0.0, max_digit_drop: float = 0.03,
+                 min_test_examples: int = 1000, force_export: bool = False, model_version: int = 0
                  ) -> NamedTuple('PromoteOutputs', [('promoted', bool), ('model_version', int), ('decision', str)]):
-    """promote.promote into serving_dir; the decision goes to the run page as Metrics (promoted 1/0, model-version)
-    and as the step's output parameters. The KFP v1 run-page files it also writes stay beside the metrics artifact."""
+    """promote.promote into serving_dir, judged on the dataset artifact's test split; the decision goes to the run
+    page as Metrics (promoted 1/0, model-version and both models' measured accuracies) and as the step's output
+    parameters. The KFP v1 run-page files it also writes (with the per-digit table) stay beside the metrics
+    artifact."""
+    import json
     import os
 
     from promote import promote
 
     kfp_v1_dir = os.path.join(os.path.dirname(metrics.path), 'kfp-v1')
-    result = promote(export_dir.path, serving_dir, os.path.join(kfp_v1_dir, 'mlpipeline-metrics.json'),
+    result = promote(export_dir.path, dataset.path, serving_dir, os.path.join(kfp_v1_dir, 'mlpipeline-metrics.json'),
                      os.path.join(kfp_v1_dir, 'mlpipeline-ui-metadata.json'), min_accuracy=min_accuracy,
-                     min_improvement=min_improvement, force_export=force_export, model_version=model_version)
-    metrics.log_metric('promoted', int(result.promoted))
-    metrics.log_metric('model-version', result.model_version)
+                     min_improvement=min_improvement, max_digit_drop=max_digit_drop,
+                     min_test_examples=min_test_examples, force_export=force_export, model_version=model_version)
+    with open(os.path.join(kfp_v1_dir, 'mlpipeline-metrics.json')) as run_metrics:
+        for metric in json.load(run_metrics)['metrics']:
+            metrics.log_metric(metric['name'], metric['numberValue'])
     return result
 
 
@@ -165,6 +171,8 @@ def build_pipeline(image: str = IMAGE_PLACEHOLDER, serving_mount: str = SERVING_
                        serving_path: str = pipeline_cli.DEFAULT_SERVING_PATH,
                        min_accuracy: float = RULE_DEFAULTS['min_accuracy'],
                        min_improvement: float = RULE_DEFAULTS['min_improvement'],
+                       max_digit_drop: float = RULE_DEFAULTS['max_digit_drop'],
+                       min_test_examples: int = RULE_DEFAULTS['min_test_examples'],
                        force_export: bool = RULE_DEFAULTS['force_export']):
         """Load MNIST, train the MLP, evaluate it on the test set and export a SavedModel; with serving_pvc, promote
         it into that claim's serving_path folder if it is at least as good as the version served there."""
@@ -176,9 +184,12 @@ def build_pipeline(image: str = IMAGE_PLACEHOLDER, serving_mount: str = SERVING_
         exported = components['export'](model=model.outputs['model'], evaluation=evaluation.outputs['evaluation'])
         tasks = [data, model, evaluation, exported]
         with dsl.If(serving_pvc != '', name='deliver'):
+            # The gate measures the candidate and the served version on the run's own test split.
             promotion = components['promote'](export_dir=exported.outputs['export_dir'],
+                                              dataset=data.outputs['dataset'],
                                               serving_dir=f'{serving_mount}/{serving_path}',
                                               min_accuracy=min_accuracy, min_improvement=min_improvement,
+                                              max_digit_drop=max_digit_drop, min_test_examples=min_test_examples,
                                               force_export=force_export)
             # The claim's name is the run's parameter: the same compiled pipeline delivers to any notebook's volume.
             kubernetes.mount_pvc(promotion, pvc_name=serving_pvc, mount_path=SERVING_MOUNT)

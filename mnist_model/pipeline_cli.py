@@ -235,7 +235,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, p
         parser.error('--serving_path needs --serving_pvc (the claim it is a folder of)')
     rule = mnist.promotion_rule_from(args)
     if rule != mnist.PROMOTION_DEFAULTS and not (args.serving_dir or args.serving_pvc):
-        parser.error('--min_accuracy, --min_improvement and --force_export apply to a delivery: give --serving_dir '
+        parser.error('--min_accuracy, --min_improvement, --max_digit_drop, --min_test_examples and --force_export '
+                     'apply to a delivery: give --serving_dir '
                      '(--run-local) or --serving_pvc (--run, --schedule)')
     return hparams, rule
 
