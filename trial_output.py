@@ -68,6 +68,14 @@ class MaskingWriter(io.TextIOBase):
     def writable(self):
         return True
 
+    # Libraries look at a stream's encoding and file descriptor: the target's (writes to it pass native_output_masked).
+    @property
+    def encoding(self):
+        return getattr(self.target, 'encoding', 'utf-8')
+
+    def fileno(self):
+        return self.target.fileno()
+
     def write(self, text):
         self.pending += text
         *lines, self.pending = self.pending.split('\n')
