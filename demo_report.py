@@ -5,7 +5,9 @@ run_demo.py calls render() after every stage; the page can also be made again fr
     python3 demo_report.py demo-report/20261126-120000/summary.json     # rewrites report.html beside it
 
 The page's layout and styles are demo_report.html; this file fills in its tables, the accuracy chart (drawn with
-matplotlib, inlined as a PNG) and the confusion matrix. Nothing on the page is fetched from anywhere.
+matplotlib, inlined as a PNG) and the confusion matrix. Nothing on the page is fetched from anywhere. Every value from
+summary.json is escaped before it reaches the page, and a field that does not hold what it should (a text, null, NaN
+or a list where a number belongs) is shown as "invalid" instead of stopping the page.
 """
 import argparse
 import base64
@@ -13,7 +15,9 @@ import functools
 import html
 import io
 import json
+import math
 import os
+import re
 import string
 import sys
 
@@ -22,8 +26,49 @@ HYPERPARAMETERS = ('num_hidden_layer_1', 'num_hidden_layer_2', 'dropout', 'learn
 SOURCES = {'train': 'notebook training', 'pipeline': 'pipeline run', 'retrain': 'retrain with tuned values'}
 
 
+# What a malformed field of summary.json shows; a section whose data is malformed as a whole shows a note instead.
+INVALID = '<span class="invalid">invalid</span>'
+# A link target that is a file of the report folder (logs/train.log): no scheme (javascript:, https:), no host.
+LOCAL_LINK = re.compile(r'\w[\w.-]*(/[\w.-]+)*')
+# An inline picture's data as summary.json holds it: base64 text and nothing else, which cannot leave its attribute.
+BASE64_TEXT = re.compile(r'[A-Za-z0-9+/]*={0,2}')
+
+
 def escape(value):
     return html.escape(str(value))
+
+
+def is_number(value):
+    """Whether a field of summary.json holds a finite number (not a text, null, NaN, a list or true)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number(value, template='{:.4f}'):
+    """A number of summary.json formatted by template, or INVALID for anything else."""
+    return escape(template.format(value)) if is_number(value) else INVALID
+
+
+def integer(value):
+    """A whole number of summary.json (a version, a count, a digit), or INVALID."""
+    return escape(value) if isinstance(value, int) and not isinstance(value, bool) else INVALID
+
+
+def source_name(source):
+    """The words for the stage that made a version ('pipeline run'), escaped."""
+    return escape(SOURCES.get(source, source) if isinstance(source, str) else source)
+
+
+def malformed_as_invalid(section):
+    """A section of the page that shows a one-line note, instead of stopping the whole page, when its part of
+    summary.json has the wrong shape (a missing key, a text where a list belongs)."""
+    @functools.wraps(section)
+    def render_section(*values):
+        try:
+            return section(*values)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            return (f'<p class="note">{INVALID}: this part of summary.json is malformed '
+                    f'({escape(type(error).__name__)}: {escape(error)}).</p>')
+    return render_section
 
 
 def words(value):
@@ -45,6 +90,7 @@ def table(headers, rows, row_classes=None, table_class=''):
 
 
 def badge(text):
+    text = str(text)
     return f'<span class="status {escape(text.replace(" ", "-"))}">{escape(text)}</span>'
 
 
@@ -57,26 +103,39 @@ def command_block(text):
     return f'<div class="command">{code(text)}</div>'
 
 
+def log_link(path):
+    """A link to a file of the report folder, or just its name when it is not one (a javascript: or web address)."""
+    if not isinstance(path, str) or not LOCAL_LINK.fullmatch(path):
+        return escape(path)
+    return f'<a href="{escape(path)}">{escape(path)}</a>'
+
+
+@malformed_as_invalid
 def stages_table(stages):
-    """One row per stage, and under it the commands that do the same by hand and on a cluster."""
+    """One row per stage, and under it the commands that do the same by hand and on a cluster, each on its own line
+    after its label (a stage that did not run has no command by hand yet)."""
     rows = []
-    for number, stage in enumerate(stages, 1):
+    for index, stage in enumerate(stages, 1):
         status = badge(stage['status'])
         if stage.get('error'):
             status += f' {words(stage["error"])}'
-        seconds = f'{stage["seconds"]:.1f}' if stage['seconds'] is not None else '-'
-        log = f'<a href="{escape(stage["log"])}">{escape(stage["log"])}</a>' if stage['commands'] else '-'
-        by_hand = ''.join(command_block(command) for command in stage['commands']) or '-'
-        rows.append(f'<tr class="stage"><td>{number}</td><td><b>{escape(stage["title"])}</b></td><td>{status}</td>'
+        seconds = '-' if stage.get('seconds') is None else number(stage['seconds'], '{:.1f}')
+        commands = stage.get('commands') or []
+        log = log_link(stage.get('log')) if commands else '-'
+        by_hand = (''.join(command_block(command) for command in commands) if isinstance(commands, list)
+                   else INVALID)
+        by_hand = f'<div>by hand:</div>{by_hand}' if by_hand else '<div>by hand: -</div>'
+        rows.append(f'<tr class="stage"><td>{index}</td><td><b>{escape(stage["title"])}</b></td><td>{status}</td>'
                     f'<td class="number">{seconds}</td><td class="name">{log}</td></tr>'
-                    f'<tr><td></td><td colspan="4">by hand: {by_hand}on a Kubeflow cluster: '
-                    f'{command_block(stage["cluster_command"])}</td></tr>')
+                    f'<tr><td></td><td colspan="4">{by_hand}<div>on a Kubeflow cluster:</div>'
+                    f'{command_block(stage.get("cluster_command", "-"))}</td></tr>')
     # Fixed column widths: a long command scrolls inside its cell instead of widening the page.
     columns = ''.join(f'<col style="width: {width}">' for width in ('2.5rem', 'auto', '8rem', '7.5rem', '10.5rem'))
     head = '<tr><th>#</th><th>stage</th><th>status</th><th>wall time (s)</th><th>log</th></tr>'
     return f'<table class="stages"><colgroup>{columns}</colgroup>{head}{"".join(rows)}</table>'
 
 
+@malformed_as_invalid
 def declined_notes(versions):
     """A line per candidate the promotion rule refused: both accuracies, the version still served, the override."""
     notes = []
@@ -84,31 +143,32 @@ def declined_notes(versions):
         if entry['decision'] != 'not promoted' or 'baseline_accuracy' not in entry:
             continue
         kept = entry.get('served_after')
-        still = (f'Version <b>{kept}</b> is still the one served' if kept == entry.get('served_before')
-                 else f'Version <b>{kept}</b> is served now')
+        still = (f'Version <b>{integer(kept)}</b> is still the one served' if kept == entry.get('served_before')
+                 else f'Version <b>{integer(kept)}</b> is served now')
         notes.append(f'<p class="declined-note"><b>The promotion rule said no</b> to the '
-                     f'{escape(SOURCES.get(entry["source"], entry["source"]))}: its model scored test accuracy '
-                     f'<b>{entry["accuracy"]:.4f}</b>, below the <b>{entry["baseline_accuracy"]:.4f}</b> of version '
-                     f'{entry["baseline_version"]}. {still}; {code(entry.get("override", "--force_export"))} would '
-                     f'have exported it anyway.</p>')
+                     f'{source_name(entry.get("source"))}: its model scored test accuracy '
+                     f'<b>{number(entry.get("accuracy"))}</b>, below the <b>{number(entry["baseline_accuracy"])}</b> '
+                     f'of version {integer(entry.get("baseline_version"))}. {still}; '
+                     f'{code(entry.get("override", "--force_export"))} would have exported it anyway.</p>')
     return ''.join(notes)
 
 
+@malformed_as_invalid
 def versions_table(versions, served):
     if not versions:
         return '<p class="note">No model was exported yet.</p>'
+    served_version = served.get('version') if isinstance(served, dict) else None
     rows, classes = [], []
     for entry in versions:
-        version = str(entry['version']) if entry['version'] else 'not promoted'
-        if served and entry['version'] == served.get('version'):
-            version += ' (served)'
-        baseline = '-' if entry.get('served_before') is None else f'version {entry["served_before"]}'
-        rows.append([f'<span class="word">{escape(version)}</span>', f'{entry["accuracy"]:.4f}', escape(baseline),
-                     escape(SOURCES.get(entry['source'], entry['source'])),
-                     badge({'not promoted': 'declined'}.get(entry['decision'], entry['decision'])),
-                     words(entry['message'])])
-        classes.append('best' if served and entry['version'] == served.get('version') else
-                       'declined-row' if entry['decision'] == 'not promoted' else '')
+        is_served = served_version is not None and entry.get('version') == served_version
+        version = 'not promoted' if entry.get('version') is None else integer(entry['version'])
+        version += ' (served)' if is_served else ''
+        baseline = '-' if entry.get('served_before') is None else f'version {integer(entry["served_before"])}'
+        decision = entry.get('decision')
+        rows.append([f'<span class="word">{version}</span>', number(entry.get('accuracy')), baseline,
+                     source_name(entry.get('source')),
+                     badge('declined' if decision == 'not promoted' else decision), words(entry.get('message', ''))])
+        classes.append('best' if is_served else 'declined-row' if decision == 'not promoted' else '')
     return declined_notes(versions) + table(
         ['version', 'test accuracy', 'served before', 'from', 'decision', 'what the promote step said'], rows, classes)
 
@@ -128,7 +188,7 @@ def accuracy_chart(trials_json, goal, best):
 
 def draw_accuracy_chart(trials, goal, best):
     """A matplotlib figure: a bar of the test accuracy of each succeeded trial (the best one green) with its value,
-    and the goal as a dashed line named in a legend beside the axes, where it cannot cover a bar."""
+    and the goal (unless None) as a dashed line named in a legend beside the axes, where it cannot cover a bar."""
     import matplotlib
     matplotlib.use('Agg')  # No screen: draw into memory.
     import matplotlib.pyplot as plt
@@ -141,47 +201,72 @@ def draw_accuracy_chart(trials, goal, best):
     axes.bar(names, accuracies, color=colours)
     for position, accuracy in enumerate(accuracies):
         axes.text(position, accuracy, f'{accuracy:.4f}', ha='center', va='bottom', fontsize=8)
-    axes.axhline(goal, color='tab:red', linestyle='--', linewidth=1, label=f'goal {goal}')
-    low = min(accuracies + [goal])
+    goals = [] if goal is None else [goal]
+    for line in goals:
+        axes.axhline(line, color='tab:red', linestyle='--', linewidth=1, label=f'goal {line}')
+    low = min(accuracies + goals, default=0.0)
     axes.set_ylim(max(0.0, low - (1 - low) * 0.6), 1.0)
     axes.set_ylabel('test accuracy')
     axes.set_title('Test accuracy per trial (best in green)')
-    axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    if goals:
+        axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     figure.tight_layout()
     return figure
 
 
 def png_image(png_bytes_or_base64, alt, css_class='figure'):
-    data = png_bytes_or_base64 if isinstance(png_bytes_or_base64, str) else \
-        base64.b64encode(png_bytes_or_base64).decode('ascii')
+    """An inline PNG from its bytes or base64 text; INVALID if summary.json holds anything else there."""
+    if isinstance(png_bytes_or_base64, bytes):
+        data = base64.b64encode(png_bytes_or_base64).decode('ascii')
+    elif isinstance(png_bytes_or_base64, str) and BASE64_TEXT.fullmatch(png_bytes_or_base64):
+        data = png_bytes_or_base64
+    else:
+        return INVALID
     return f'<img class="{css_class}" alt="{escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+@malformed_as_invalid
 def tuning_section(tuning):
     if not tuning:
         return '<p class="note">Not run.</p>'
-    trials = sorted(tuning['trials'], key=lambda trial: (trial['status'] != 'succeeded', -(trial['accuracy'] or 0)))
+    trials = sorted(tuning['trials'], key=lambda trial: (
+        trial.get('status') != 'succeeded', -trial['accuracy'] if is_number(trial.get('accuracy')) else 0))
     rows, classes = [], []
     for rank, trial in enumerate(trials, 1):
-        succeeded = trial['status'] == 'succeeded'
-        name = f'<span class="word">{escape(trial["trial"])}</span>'
-        rows.append([str(rank), name, f'{trial["accuracy"]:.4f}' if succeeded else '-',
-                     f'{trial["loss"]:.4f}' if succeeded else '-'] +
-                    [escape(trial[name]) for name in HYPERPARAMETERS] +
-                    [f'{trial["seconds"]:.0f}' if trial.get('seconds') is not None else '-', badge(trial['status'])])
-        classes.append('best' if trial['trial'] == tuning['best'] else '')
+        succeeded = trial.get('status') == 'succeeded'
+        name = f'<span class="word">{escape(trial.get("trial"))}</span>'
+        rows.append([str(rank), name, number(trial.get('accuracy')) if succeeded else '-',
+                     number(trial.get('loss')) if succeeded else '-'] +
+                    [number(trial.get(name), '{}') for name in HYPERPARAMETERS] +
+                    ['-' if trial.get('seconds') is None else number(trial['seconds'], '{:.0f}'),
+                     badge(trial.get('status'))])
+        classes.append('best' if trial.get('trial') == tuning.get('best') else '')
     leaderboard = table(['rank', 'trial', 'accuracy', 'loss', *HYPERPARAMETERS, 'wall time (s)', 'status'], rows,
                         classes)
-    chart = png_image(accuracy_chart(json.dumps(tuning['trials']), tuning['goal'], tuning['best']),
-                      'Test accuracy per trial')
+    # The chart shows the trials whose accuracy is a number (the table shows the others as invalid).
+    charted = [{'trial': str(trial.get('trial')), 'status': 'succeeded', 'accuracy': trial['accuracy']}
+               for trial in trials if trial.get('status') == 'succeeded' and is_number(trial.get('accuracy'))]
+    goal = tuning.get('goal') if is_number(tuning.get('goal')) else None
+    best = tuning.get('best') if isinstance(tuning.get('best'), str) else ''
+    chart = png_image(accuracy_chart(json.dumps(charted), goal, best), 'Test accuracy per trial') if charted else ''
     # A table wider than the page scrolls sideways rather than breaking its names.
-    return (f'<p class="note">Local tuner, results in {code(tuning["results"])}; the goal (Katib\'s objective) is '
-            f'test accuracy {tuning["goal"]}.</p><div class="scroll">{leaderboard}</div>{chart}')
+    return (f'<p class="note">Local tuner, results in {code(tuning.get("results"))}; the goal (Katib\'s objective) is '
+            f'test accuracy {number(tuning.get("goal"), "{}")}.</p><div class="scroll">{leaderboard}</div>{chart}')
+
+
+def is_confusion_matrix(confusion):
+    """Whether summary.json's confusion matrix is 10 rows of 10 counts."""
+    return (isinstance(confusion, list) and len(confusion) == 10 and all(
+        isinstance(row, list) and len(row) == 10 and all(
+            isinstance(count, int) and not isinstance(count, bool) and count >= 0 for count in row)
+        for row in confusion))
 
 
 def confusion_table(confusion):
     """Rows are true digits, columns predicted ones. Correct answers are shaded green by their share of the row;
     errors red on their own scale (relative to the largest error), so that the worst confusions stand out."""
+    if not is_confusion_matrix(confusion):
+        return f'<p>{INVALID}: the confusion matrix is not 10 rows of 10 counts.</p>'
     largest_error = max([confusion[row][column] for row in range(10) for column in range(10) if row != column] + [1])
     rows = []
     for true_digit in range(10):
@@ -201,77 +286,92 @@ def confusion_table(confusion):
     return f'<table class="confusion">{head}{"".join(rows)}</table>'
 
 
+@malformed_as_invalid
 def served_section(served):
+    if served and not isinstance(served, dict):
+        raise TypeError(f'served is a {type(served).__name__}, not an object')
     if not served or 'accuracy' not in served:
         return '<p class="note">Not served.</p>'
-    hyperparameters = ' '.join(f'--{name}={served["hyperparameters"][name]}' for name in HYPERPARAMETERS)
-    return (f'<p>Version <b>{served["version"]}</b> answered at {code(served["url"])}: test accuracy '
-            f'<b>{served["accuracy"]:.4f}</b> on {served["test_examples"]} test images sent through the REST API '
-            f'(its <code>run.json</code> records {served["recorded_accuracy"]:.4f}). Trained with '
-            f'{code(hyperparameters)}.</p>'
+    recorded = served.get('hyperparameters')
+    hyperparameters = (code(' '.join(f'--{name}={recorded.get(name)}' for name in HYPERPARAMETERS))
+                       if isinstance(recorded, dict) else INVALID)
+    return (f'<p>Version <b>{integer(served.get("version"))}</b> answered at {code(served.get("url"))}: test accuracy '
+            f'<b>{number(served["accuracy"])}</b> on {integer(served.get("test_examples"))} test images sent through '
+            f'the REST API (its <code>run.json</code> records {number(served.get("recorded_accuracy"))}). Trained '
+            f'with {hyperparameters}.</p>'
             f'<p class="note">Confusion matrix of those answers: rows are the true digits, columns the predicted '
-            f'ones; errors are red on their own scale.</p>{confusion_table(served["confusion_matrix"])}')
+            f'ones; errors are red on their own scale.</p>{confusion_table(served.get("confusion_matrix"))}')
 
 
 def markdown_table(text):
     """A Markdown pipe table (as the notebook displays it) as an HTML table."""
-    lines = [line.strip().strip('|').split('|') for line in text.strip().splitlines()]
+    lines = [line.strip().strip('|').split('|') for line in str(text).strip().splitlines()]
     rows = [[escape(cell.strip()) for cell in line] for line in lines if not set(''.join(line)) <= set('-: ')]
     return table(rows[0], rows[1:]) if rows else ''
 
 
+@malformed_as_invalid
 def notebook_section(notebook):
     if not notebook:
         return '<p class="note">Not run.</p>'
-    parts = [f'<p class="note">Executed copy: {code(notebook["executed"])}.</p>']
-    parts += [f'<p>{code(line)}</p>' for line in notebook['lines']]
-    if notebook['figure_png']:
+    parts = [f'<p class="note">Executed copy: {code(notebook.get("executed"))}.</p>']
+    lines = notebook.get('lines') or []
+    parts += [f'<p>{code(line)}</p>' for line in lines] if isinstance(lines, list) else [f'<p>{INVALID}</p>']
+    if notebook.get('figure_png'):
         parts.append(png_image(notebook['figure_png'], 'The notebook\'s figure: digits and probabilities'))
-    if notebook['table_markdown']:
+    if notebook.get('table_markdown'):
         parts.append(markdown_table(notebook['table_markdown']))
     return '\n'.join(parts)
 
 
+@malformed_as_invalid
 def predict_image_section(answers):
     if not answers:
         return '<p class="note">Not run.</p>'
     tiles = []
     for answer in answers:
-        wrong = ' wrong' if answer['digit'] != answer['sent'] else ''
-        picture = png_image(answer['png'], f'test digit {answer["sent"]}', '')
-        tiles.append(f'<div class="digit{wrong}">{picture}'
-                     f'<br>sent {answer["sent"]}<br><b>{answer["digit"]}</b> ({answer["confidence"]:.1%})</div>')
-    right = sum(answer['digit'] == answer['sent'] for answer in answers)
+        wrong = ' wrong' if answer.get('digit') != answer.get('sent') else ''
+        picture = png_image(answer.get('png'), f'test digit {answer.get("sent")}', '')
+        tiles.append(f'<div class="digit{wrong}">{picture}<br>sent {integer(answer.get("sent"))}<br>'
+                     f'<b>{integer(answer.get("digit"))}</b> ({number(answer.get("confidence"), "{:.1%}")})</div>')
+    right = sum(answer.get('digit') == answer.get('sent') for answer in answers)
     return (f'<p>{right} of {len(answers)} recognised ({code("mnist_model/test_data/0.png ... 9.png")} as PNG '
             f'files, base64).</p><div class="digits">{"".join(tiles)}</div>')
 
 
+@malformed_as_invalid
 def headline(summary):
-    failed = [stage for stage in summary['stages'] if stage['status'] in ('failed', 'interrupted')]
-    cards = [('stages', f'{sum(stage["status"] == "succeeded" for stage in summary["stages"])} of '
-                        f'{len(summary["stages"])} succeeded' + (f'; {failed[0]["name"]} {failed[0]["status"]}'
-                                                                  if failed else ''))]
+    stages = summary['stages']
+    failed = [stage for stage in stages if stage.get('status') in ('failed', 'interrupted')]
+    cards = [('stages', escape(f'{sum(stage.get("status") == "succeeded" for stage in stages)} of {len(stages)} '
+                               f'succeeded' + (f'; {failed[0].get("name")} {failed[0]["status"]}' if failed else '')))]
     served = summary.get('served')
-    if served and 'accuracy' in served:
-        cards.append((f'served version {served["version"]}', f'{served["accuracy"]:.4f}'))
-    promoted = sum(entry['version'] is not None for entry in summary['versions'])
-    cards.append(('versions', f'{promoted} promoted, {len(summary["versions"]) - promoted} declined'))
-    return ''.join(f'<div class="card">{escape(label)}<b>{escape(value)}</b></div>' for label, value in cards)
+    if isinstance(served, dict) and 'accuracy' in served:
+        cards.append((f'served version {integer(served.get("version"))}', number(served['accuracy'])))
+    versions = summary['versions']
+    promoted = sum(entry.get('version') is not None for entry in versions)
+    cards.append(('versions', f'{promoted} promoted, {len(versions) - promoted} declined'))
+    # The labels and values are HTML already: escaped, or made by number() and integer().
+    return ''.join(f'<div class="card">{label}<b>{value}</b></div>' for label, value in cards)
 
 
 def render(summary):
-    """The whole page for a run's summary (run_demo.py's summary.json)."""
+    """The whole page for a run's summary (run_demo.py's summary.json); raises ValueError if it is not a JSON
+    object. Each value is escaped, and a malformed one shows as invalid."""
+    if not isinstance(summary, dict):
+        raise ValueError('not a JSON object')
     with open(TEMPLATE, encoding='utf-8') as template_file:
         template = string.Template(template_file.read())
     return template.substitute(
-        started_at=escape(summary['started_at']), mode=escape(summary['mode'].capitalize()),
-        seconds=escape(summary.get('seconds', 0)), stage_seconds=escape(summary.get('stage_seconds', 0)),
-        headline=headline(summary), stages=stages_table(summary['stages']), serving_dir=code(summary['serving_dir']),
-        versions=versions_table(summary['versions'], summary.get('served')),
+        started_at=escape(summary.get('started_at')), mode=escape(str(summary.get('mode')).capitalize()),
+        seconds=number(summary.get('seconds', 0), '{}'), stage_seconds=number(summary.get('stage_seconds', 0), '{}'),
+        headline=headline(summary), stages=stages_table(summary.get('stages')),
+        serving_dir=code(summary.get('serving_dir')),
+        versions=versions_table(summary.get('versions'), summary.get('served')),
         tuning=tuning_section(summary.get('tuning')), served=served_section(summary.get('served')),
         notebook=notebook_section(summary.get('notebook')),
         predict_image=predict_image_section(summary.get('predict_image')),
-        tensorboard=code(f'tensorboard --logdir {os.path.join(summary["report_dir"], "tensorboard")}'))
+        tensorboard=code(f'tensorboard --logdir {os.path.join(str(summary.get("report_dir")), "tensorboard")}'))
 
 
 def main(argv=None):

@@ -3,9 +3,11 @@
 One search space (SEARCH_SPACE below) serves all three modes:
 
 Trial mode (default) is what every Katib trial runs. It trains with the same step functions as mnist_model/mnist.py
-(no export unless --export_dir is given) and prints the result as the two lines Katib's StdOut metrics collector
-parses, e.g. `accuracy=0.981200` and `loss=0.063400`. A diverged or otherwise non-finite result is a failed trial:
-one line on stderr, exit code 1, no metric lines.
+(no export unless --export_dir is given) and prints the result on stdout as the two lines Katib's StdOut metrics
+collector reads, e.g. `accuracy=0.981200` and `loss=0.063400`, with one anchored whole-line pattern
+(METRIC_LINE_FORMAT, also in the Experiment). Everything else goes to stderr, and no other line there can match the
+pattern (trial_output.py). A diverged or otherwise non-finite result is a failed trial: one line on stderr, exit code
+1, no metric lines.
 
     python3 mnist_hyper_tuning.py --num_hidden_layer_1=192 --num_hidden_layer_2=64 --dropout=0.5 \
         --learning_rate=0.09 --epoch=2000
@@ -16,7 +18,8 @@ changing the space):
     python3 mnist_hyper_tuning.py --katib-experiment -o katib-experiment.yaml
 
 Local mode tunes on this machine with no cluster: trials run in parallel worker processes (each one runs this script
-in trial mode and its output is parsed with Katib's own regular expression). It prints a line when a trial starts,
+in trial mode and its output is read with the Experiment's own pattern; a trial without exactly one accuracy in
+[0, 1] and one loss failed). It prints a line when a trial starts,
 every 10 s the step and test accuracy of each running trial, a line per finished trial, a final leaderboard and the
 `python3 mnist.py ...` command that retrains the best trial; it writes results.csv / results.json (rewritten after
 every trial, so Ctrl-C keeps what finished) and TensorBoard logs of every trial under <output>/tensorboard:
@@ -41,6 +44,8 @@ import time
 from typing import NamedTuple
 
 import yaml
+
+import trial_output
 
 # The trainer's modules import each other by name, as the pipeline components that embed them do.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_model'))
@@ -69,8 +74,13 @@ OBJECTIVE_METRIC = 'accuracy'  # test accuracy, maximised
 ADDITIONAL_METRICS = ('loss',)
 DEFAULT_GOAL = 0.965
 
-# Katib's StdOut collector applies this pattern to every line of the trial's output (its default metricsFormat).
-KATIB_METRIC_PATTERN = re.compile(r'([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)')
+METRIC_NAMES = (OBJECTIVE_METRIC,) + ADDITIONAL_METRICS
+# The one pattern a trial's metrics are read with: Katib's StdOut collector (the Experiment's metricsFormat) and the
+# local tuner apply it to every line of the trial's merged stdout and stderr. Katib's default pattern is unanchored
+# and would read `accuracy=0.999` inside any path or message the trial prints; this one reads only a line that is
+# nothing but `accuracy=0.981200` or `loss=0.063400`, and trial mode keeps every other line from being one.
+METRIC_LINE_FORMAT = trial_output.metric_line_format(METRIC_NAMES)
+METRIC_LINE_PATTERN = re.compile(METRIC_LINE_FORMAT)
 
 EXPERIMENT_NAME = 'mnist-classification-hyperparam'
 EXPERIMENT_DESCRIPTION = ('Hyperparameter tuning of the MNIST MLP classifier (two hidden ReLU layers): maximise test '
@@ -230,7 +240,8 @@ def build_experiment(space, algorithm, trial_counts, goal, trial_template, names
             'parallelTrialCount': trial_counts['parallel'],
             'maxTrialCount': trial_counts['max_trials'],
             'maxFailedTrialCount': trial_counts['max_failed_trials'],
-            'metricsCollectorSpec': {'collector': {'kind': 'StdOut'}},
+            'metricsCollectorSpec': {'collector': {'kind': 'StdOut'},
+                                     'source': {'filter': {'metricsFormat': [METRIC_LINE_FORMAT]}}},
             'parameters': parameters,
             'trialTemplate': trial_template,
         },
@@ -247,36 +258,41 @@ def experiment_yaml(experiment, arguments, output):
     return header + yaml.safe_dump(experiment, sort_keys=False, default_flow_style=False, width=120)
 
 
-def parse_katib_metrics(text, names):
-    """Every value Katib's StdOut collector would read for the given metric names: {name: [values]}."""
-    found = {name: [] for name in names}
-    for line in text.splitlines():
-        for match in KATIB_METRIC_PATTERN.finditer(line):
-            if match.group(1) in found:
-                try:
-                    found[match.group(1)].append(float(match.group(2)))
-                except ValueError:
-                    pass  # A name= with no number after it carries no value.
-    return found
+def parse_katib_metrics(text):
+    """Every value Katib's StdOut collector reads in a trial's merged output with the Experiment's metricsFormat:
+    {name: [values]}."""
+    return trial_output.read_metrics(text, METRIC_LINE_PATTERN, METRIC_NAMES)
 
 
 def run_trial(data, hparams, log_dir, export_dir, model_version, rule):
-    """Trial mode: train and evaluate with mnist.run (exporting under the promotion rule), print the Katib metric
-    lines; returns the exit code."""
+    """Trial mode: train and evaluate with mnist.run (exporting under the promotion rule) and print the two metric
+    lines; returns the exit code. The metric lines are all that reaches stdout: training progress, warnings and
+    promotion lines go to stderr, where no line can match the metric pattern (trial_output.other_output_masked)."""
     started = time.monotonic()
+    with trial_output.other_output_masked(METRIC_LINE_PATTERN):
+        metrics = measure_trial(data, hparams, log_dir, export_dir, model_version, rule)
+        if metrics:
+            print(f'Trial finished in {time.monotonic() - started:.1f} s', file=sys.stderr, flush=True)
+            mnist.warn_if_near_chance(metrics[0], hparams['learning_rate'], hparams['epoch'], prefix='')
+    if not metrics:
+        return 1
+    print(mnist.format_metrics(*metrics), flush=True)
+    return 0
+
+
+def measure_trial(data, hparams, log_dir, export_dir, model_version, rule):
+    """(test accuracy, loss) of one trial, or None after one error line on stderr (failed, or not finite numbers)."""
     try:
         result = mnist.run(data, hparams, log_dir=log_dir, export_dir=export_dir, model_version=model_version,
                            rule=rule)
     except (ValueError, OSError) as error:
-        print(f'error: trial failed: {error}', file=sys.stderr, flush=True)
-        return 1
+        # The message may quote a path with line breaks in it: escaped, it stays one line.
+        print(f'error: trial failed: {trial_output.single_line(error)}', file=sys.stderr, flush=True)
+        return None
     if not (math.isfinite(result['accuracy']) and math.isfinite(result['loss'])):
         print('error: trial failed: the test accuracy or loss is not a finite number', file=sys.stderr, flush=True)
-        return 1
-    print(f'Trial finished in {time.monotonic() - started:.1f} s', flush=True)
-    print(mnist.format_metrics(result['accuracy'], result['loss']), flush=True)
-    mnist.warn_if_near_chance(result['accuracy'], hparams['learning_rate'], hparams['epoch'], prefix='')
-    return 0
+        return None
+    return result['accuracy'], result['loss']
 
 
 def worker_environment(parallel):
@@ -300,21 +316,32 @@ def start_trial(trial_name, hparams, common_flags, output_dir, environment):
 
 
 def collect_trial(record, return_code, log_path):
-    """Fills a trial record from its exit code and the metric lines of its log, read as Katib reads them."""
-    with open(log_path) as log_file:
+    """Fills a trial record from its exit code and its log (stdout and stderr merged, read as Katib reads them): it
+    succeeded only with exit code 0 and exactly one accuracy in [0, 1] and one loss."""
+    # newline='' keeps '\r' as written: Katib splits lines at '\n' only, and so must this reader.
+    with open(log_path, encoding='utf-8', errors='replace', newline='') as log_file:
         text = log_file.read()
-    metrics = parse_katib_metrics(text, (OBJECTIVE_METRIC,) + ADDITIONAL_METRICS)
-    accuracy = max(metrics[OBJECTIVE_METRIC], default=math.nan)
-    loss = metrics['loss'][-1] if metrics['loss'] else math.nan
-    if return_code == 0 and math.isfinite(accuracy) and math.isfinite(loss):
-        record.update(status='succeeded', accuracy=accuracy, loss=loss)
+    metrics = parse_katib_metrics(text)
+    problem = metrics_problem(metrics)
+    if return_code == 0 and not problem:
+        record.update(status='succeeded', accuracy=metrics[OBJECTIVE_METRIC][0], loss=metrics['loss'][0])
         return record
     lines = [line for line in text.splitlines() if line.strip()]
-    reason = lines[-1] if lines else 'no output'
-    if return_code == 0:
-        reason = 'no finite accuracy= and loss= lines in the output'
+    reason = problem if return_code == 0 else lines[-1] if lines else 'no output'
     record.update(status='failed', error=f'exit code {return_code}: {reason}')
     return record
+
+
+def metrics_problem(metrics):
+    """Why a trial's metric values cannot be its result ('' = they can): each metric must appear exactly once, and
+    the accuracy must be a test accuracy in [0, 1]."""
+    for name in METRIC_NAMES:
+        if len(metrics[name]) != 1:
+            return f'{len(metrics[name])} {name}= lines in the output, expected 1'
+    accuracy = metrics[OBJECTIVE_METRIC][0]
+    if not 0.0 <= accuracy <= 1.0:
+        return f'{OBJECTIVE_METRIC}={accuracy} is not a test accuracy in [0, 1]'
+    return ''
 
 
 def write_results(output_dir, records, summary):
@@ -511,6 +538,27 @@ MODE_FLAGS = {
 }
 
 
+# How each mode is chosen, for the error line of a flag given in a mode that ignores it.
+MODE_SWITCHES = {'trial': 'trial mode (neither --local nor --katib-experiment)', 'local': '--local (tune here)',
+                 'manifest': '--katib-experiment (write the Katib Experiment)'}
+
+
+def misplaced_flag_message(name, mode):
+    """The error line for --name given in a mode that ignores it, naming the mode it needs and how to choose it."""
+    if mode != 'trial' and name in TUNED_NAMES:
+        return f'--{name} does not apply in {mode} mode (narrow the search space with --space NAME=MIN:MAX:STEP)'
+    needed = ' or '.join(MODE_SWITCHES[other] for other in MODE_FLAGS if other != mode and name in MODE_FLAGS[other])
+    return f'--{name} does not apply in {mode} mode; it needs {needed}'
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose error line quotes the user's text with its line breaks escaped, so that a value
+    (a path, say) cannot start a line of its own, such as a metric line of a trial."""
+
+    def error(self, message):
+        super().error(trial_output.single_line(message))
+
+
 def accuracy_goal(text):
     """An argparse type for --goal: a test accuracy in (0, 1]."""
     try:
@@ -524,7 +572,7 @@ def accuracy_goal(text):
 
 def parse_arguments():
     """Parses the command line and fills in each mode's defaults; returns (mode, args)."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description=__doc__.split('\n\n')[0],
         epilog='Modes: trial mode (default) trains one trial; --katib-experiment writes the Katib manifest; --local '
                'tunes on this machine.')
@@ -578,8 +626,7 @@ def parse_arguments():
     mode = 'manifest' if args.katib_experiment else 'local' if args.local else 'trial'
     misplaced = [name for name in flag_names if name not in MODE_FLAGS[mode] and getattr(args, name) is not None]
     if misplaced:
-        hint = ' (narrow the search space with --space NAME=MIN:MAX:STEP)' if misplaced[0] in TUNED_NAMES else ''
-        parser.error(f'--{misplaced[0]} does not apply in {mode} mode{hint}')
+        parser.error(misplaced_flag_message(misplaced[0], mode))
     for name in flag_names:
         if getattr(args, name) is None:
             setattr(args, name, parser.get_default(name))

@@ -10,16 +10,20 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
 import pytest
 import yaml
+from conftest import set_recorded_accuracy
 
 import mnist_hyper_tuning as tuning
+import trial_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'mnist_hyper_tuning.py')
@@ -39,9 +43,35 @@ def version_folders():
     return sorted(name for name in os.listdir(os.path.join(REPO, 'mnist_model')) if name.isdigit())
 
 
-def katib_values(text):
-    """What Katib's StdOut collector reads from a trial's merged stdout and stderr."""
-    return tuning.parse_katib_metrics(text, ('accuracy', 'loss'))
+# Katib's default metricsFormat, which reads a `name=value` pair anywhere in a line.
+KATIB_DEFAULT_FORMAT = r'([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)'
+# Flags of a trial that takes seconds: small layers, 60 steps (on the data slice).
+TINY_TRIAL = ['--epoch=60', '--num_hidden_layer_1=32', '--num_hidden_layer_2=16']
+
+
+def committed_metrics_formats():
+    with open(MANIFEST) as manifest_file:
+        return yaml.safe_load(manifest_file)['spec']['metricsCollectorSpec']['source']['filter']['metricsFormat']
+
+
+def katib_values(text, formats=None):
+    """What Katib's StdOut collector reads from a trial's merged stdout and stderr with the committed Experiment's
+    metricsFormat, restated from file-metricscollector.go: the file is split at '\n', a line that names no metric is
+    skipped, and each pattern is applied with FindAllStringSubmatch (group 1 the name, group 2 the value, trimmed)."""
+    found = {'accuracy': [], 'loss': []}
+    patterns = [re.compile(text_format) for text_format in (formats or committed_metrics_formats())]
+    for line in text.split('\n'):
+        if not any(name in line for name in found):
+            continue
+        for pattern in patterns:
+            for match in pattern.finditer(line):
+                if match.group(1).strip() in found and match.group(2).strip():
+                    found[match.group(1).strip()].append(float(match.group(2)))
+    return found
+
+
+def metric_lines(text):
+    return [line for line in text.split('\n') if tuning.METRIC_LINE_PATTERN.search(line)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -142,6 +172,23 @@ def webhook_errors(experiment):
         errors.append('invalid metrics collector kind')
     if spec.get('algorithm', {}).get('algorithmName') == 'grid':
         errors += grid_errors(parameters, max_trials)
+    return errors + metrics_format_errors(spec.get('metricsCollectorSpec', {}))
+
+
+def metrics_format_errors(collector_spec):
+    """validateMetricsCollector's check of source.filter.metricsFormat: each pattern compiles and has two top
+    subexpressions (name, value); and the pod webhook passes the list to the collector joined with ';'."""
+    errors = []
+    for text_format in ((collector_spec.get('source') or {}).get('filter') or {}).get('metricsFormat') or []:
+        try:
+            re.compile(text_format)
+        except re.error as error:
+            errors.append(f'metricsFormat {text_format!r}: invalid filter: {error}')
+            continue
+        if not re.match(r'.*\(.*\).*\(.*\).*', text_format):
+            errors.append(f'metricsFormat {text_format!r}: two top subexpressions are required')
+        if ';' in text_format:
+            errors.append(f'metricsFormat {text_format!r}: the collector splits the list at ;')
     return errors
 
 
@@ -203,7 +250,8 @@ def test_manifest_round_trips_and_states_the_demo_experiment():
     assert spec['objective'] == {'type': 'maximize', 'goal': 0.965, 'objectiveMetricName': 'accuracy',
                                  'additionalMetricNames': ['loss']}
     assert (spec['parallelTrialCount'], spec['maxTrialCount'], spec['maxFailedTrialCount']) == (3, 12, 3)
-    assert spec['metricsCollectorSpec'] == {'collector': {'kind': 'StdOut'}}
+    assert spec['metricsCollectorSpec'] == {'collector': {'kind': 'StdOut'},
+                                            'source': {'filter': {'metricsFormat': [tuning.METRIC_LINE_FORMAT]}}}
     assert [(parameter['name'], parameter['parameterType'], parameter['feasibleSpace']) for parameter in
             spec['parameters']] == [
         ('num_hidden_layer_1', 'int', {'min': '64', 'max': '256', 'step': '64'}),
@@ -252,6 +300,10 @@ def test_webhook_check_catches_what_katib_rejects():
     broken = default_experiment(algorithm='grid')
     del broken['spec']['parameters'][2]['feasibleSpace']['step']
     assert webhook_errors(broken) == ['grid needs a step for every parameter']
+    broken = default_experiment()
+    broken['spec']['metricsCollectorSpec']['source']['filter']['metricsFormat'] = ['accuracy=([0-9.]+)', '(a|b)=(+)']
+    errors = webhook_errors(broken)
+    assert len(errors) == 2 and 'two top subexpressions' in errors[0] and 'invalid filter' in errors[1], errors
 
 
 def test_trial_command_substitutes_to_a_valid_shell_line():
@@ -287,7 +339,12 @@ def test_manifest_flags(tmp_path):
 @pytest.mark.parametrize('flags, message', [
     (['--local', '--learning_rate=0.05'], '--learning_rate does not apply in local mode'),
     (['--katib-experiment', '--data=x.npz'], '--data does not apply in manifest mode'),
-    (['--image=x:1.0.0'], '--image does not apply in trial mode'),
+    (['--image=x:1.0.0'], '--image does not apply in trial mode; it needs --katib-experiment'),
+    (['--max_trials', '3'], '--max_trials does not apply in trial mode; it needs --local (tune here) or '
+                            '--katib-experiment (write the Katib Experiment)'),
+    (['--katib-experiment', '--epoch=100'], '--epoch does not apply in manifest mode (narrow the search space'),
+    # A value with a line break stays on the error line: it cannot start a (metric) line of its own.
+    (['x\naccuracy=0.999000'], 'unrecognized arguments: x\\naccuracy=0.999000'),
     (['--katib-experiment', '--parallel', '13'], 'must not exceed --max_trials'),
     (['--local', '--algorithm', 'tpe'], 'runs on Katib only'),
     (['--local', '--space', 'units=1:2:1'], "unknown parameter 'units'"),
@@ -305,8 +362,10 @@ def test_flag_errors_are_one_line_and_exit_2(flags, message, monkeypatch, capsys
     with pytest.raises(SystemExit) as stopped:
         tuning.main()
     assert stopped.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
+    output = capsys.readouterr().err
+    error = output.strip().splitlines()[-1]
     assert message in error and 'Traceback' not in error
+    assert not metric_lines(output)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -343,9 +402,58 @@ def test_stop_rules_follow_katib():
     assert tuning.check_stop([succeeded], dict(rule, stop_at_goal=False)) == ''
 
 
-def test_katib_parser_keeps_only_metric_pairs():
-    text = 'step 100/200  train loss 0.31 accuracy 0.9\nval_loss=0.5 accuracy = 0.97 x=1\nloss=\naccuracy=9.5e-1\n'
-    assert katib_values(text) == {'accuracy': [0.97, 0.95], 'loss': []}
+def test_the_metric_pattern_reads_whole_metric_lines_only():
+    pattern = re.compile(tuning.METRIC_LINE_FORMAT)
+    assert pattern.groups == 2 and tuning.METRIC_LINE_FORMAT in committed_metrics_formats()
+    text = '\n'.join(['accuracy=0.981200', 'loss=0.063400',
+                      # A path, a quoted record, spaces, a carriage return, another metric, other digits, exponents.
+                      'exported to /tmp/accuracy=0.999/1', "ValueError: could not convert string to float: 'accuracy=9'",
+                      ' accuracy=0.5', 'accuracy=0.5 ', 'accuracy = 0.5', 'accuracy=0.5\r', 'val_accuracy=0.5',
+                      'accuracy=\u0660.\u0669', 'accuracy=1e9', 'accuracy=-0.5', 'accuracy=0.5loss=0.1', 'loss='])
+    assert katib_values(text) == tuning.parse_katib_metrics(text) == {'accuracy': [0.9812], 'loss': [0.0634]}
+    # Katib's default pattern reads the pairs inside those lines too: what the Experiment no longer does.
+    assert len(katib_values(text, [KATIB_DEFAULT_FORMAT])['accuracy']) > 5
+
+
+def test_the_tuner_fails_a_trial_without_exactly_one_accuracy_in_range(tmp_path):
+    masked = trial_output.MASK + 'accuracy=0.999000'
+    cases = {'accuracy=0.500000\nloss=0.300000\n': ('succeeded', ''),
+             f'{masked}\naccuracy=0.500000\r\naccuracy=0.600000\nloss=0.300000\n': ('succeeded', ''),
+             'loss=0.300000\n': ('failed', '0 accuracy= lines in the output, expected 1'),
+             'accuracy=0.500000\naccuracy=0.600000\nloss=0.3\n': ('failed', '2 accuracy= lines'),
+             'accuracy=0.500000\nloss=0.3\nloss=0.3\n': ('failed', '2 loss= lines'),
+             'accuracy=1.500000\nloss=0.300000\n': ('failed', 'accuracy=1.5 is not a test accuracy in [0, 1]')}
+    for number, (log, (status, error)) in enumerate(cases.items()):
+        log_path = tmp_path / f'trial-{number}.log'
+        log_path.write_bytes(log.encode())
+        record = tuning.collect_trial({}, 0, str(log_path))
+        assert record['status'] == status and error in record.get('error', ''), (log, record)
+        if status == 'succeeded':
+            assert (record['accuracy'], record['loss']) == (0.6 if '0.600000' in log else 0.5, 0.3)
+    assert tuning.collect_trial({}, 1, str(log_path))['error'] == 'exit code 1: loss=0.300000'
+
+
+def test_the_guard_sends_all_other_output_to_stderr_and_masks_metric_lines():
+    # Python and native writes to both streams, a line split over two writes and an unfinished last line.
+    program = textwrap.dedent('''
+        import os, sys
+        import mnist_hyper_tuning as tuning, trial_output
+        with trial_output.other_output_masked(tuning.METRIC_LINE_PATTERN):
+            print('accuracy=0.100000')
+            print('path /x\\nloss=0.200000\\n/y', file=sys.stderr)
+            sys.stdout.write('accuracy=0.3'); sys.stdout.write('00000\\nprogress\\n')
+            os.write(1, b'accuracy=0.400000\\n')
+            os.write(2, b'x\\naccuracy=0.500000')
+        print('accuracy=0.900000\\nloss=0.100000', flush=True)
+    ''')
+    result = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'accuracy=0.900000\nloss=0.100000\n'
+    assert katib_values(result.stderr + result.stdout) == {'accuracy': [0.9], 'loss': [0.1]}
+    mask = trial_output.MASK
+    assert sorted(result.stderr.splitlines()) == sorted([
+        f'{mask}accuracy=0.100000', 'path /x', f'{mask}loss=0.200000', '/y', f'{mask}accuracy=0.300000', 'progress',
+        f'{mask}accuracy=0.400000', 'x', f'{mask}accuracy=0.500000']), result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -368,12 +476,62 @@ def test_trial_that_did_not_learn_reports_its_metrics_and_warns(small_data_path,
                                       '--num_hidden_layer_1=16', '--num_hidden_layer_2=16', f'--data={small_data_path}'])
     exit_code = tuning.main()
     captured = capsys.readouterr()
-    # Katib must record the trial: exit 0 and exactly one value per metric, the warning adding none.
+    # Katib must record the trial: exit 0 and exactly one value per metric, the warning adding none. Stdout holds the
+    # two metric lines only; the rest went to stderr.
     assert exit_code == 0, captured.err
     values = katib_values(captured.out + captured.err)
     assert len(values['accuracy']) == 1 and values['accuracy'][0] <= 0.2 and len(values['loss']) == 1
-    assert captured.err.startswith('warning: test accuracy ') and captured.err.count('\n') == 1
+    assert captured.out == f'accuracy={values["accuracy"][0]:.6f}\nloss={values["loss"][0]:.6f}\n'
+    assert re.fullmatch(r'(step +\d+/200 [^\n]+\n)+Trial finished in \d+\.\d s\nwarning: test accuracy [^\n]+\n',
+                        captured.err), captured.err
     assert '--learning_rate 50 is probably too high' in captured.err
+
+
+@pytest.fixture(scope='module')
+def reference_trial(small_data_path):
+    """The metric lines of a tiny trial with no export: what the hostile trials below must report, since the same
+    flags and seed train the same model."""
+    result = run_script(TINY_TRIAL + [f'--data={small_data_path}'])
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def check_trial_reports_its_own_metrics(result, reference, tmp_path):
+    """The trial's stdout is its two metric lines, the same as the reference trial's; Katib and the local tuner read
+    exactly those from its merged output, wherever the trial's other lines quote the hostile text."""
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference and len(metric_lines(reference)) == 2
+    accuracy, loss = (float(line.split('=')[1]) for line in reference.split())
+    merged = result.stderr + result.stdout  # Katib's `1>file 2>&1`: the metric lines come last.
+    assert katib_values(merged) == {'accuracy': [accuracy], 'loss': [loss]}
+    log_path = tmp_path / 'trial.log'
+    log_path.write_text(merged)
+    record = tuning.collect_trial({}, result.returncode, str(log_path))
+    assert (record['status'], record['accuracy'], record['loss']) == ('succeeded', accuracy, loss)
+    return merged
+
+
+def test_a_trial_exporting_into_a_hostile_folder_reports_its_real_accuracy(small_data_path, reference_trial,
+                                                                           tmp_path):
+    # The folder's name holds a metric pair, and a line break then a whole metric line.
+    export_dir = tmp_path / 'accuracy=0.999' / 'x\naccuracy=0.999000\n' / 'models'
+    result = run_script(TINY_TRIAL + [f'--data={small_data_path}', f'--export_dir={export_dir}'])
+    merged = check_trial_reports_its_own_metrics(result, reference_trial, tmp_path)
+    # The promotion line names the folder, so its line break reached stderr: masked there. Katib's default pattern
+    # would have read 0.999 from it.
+    assert trial_output.MASK + 'accuracy=0.999000' in result.stderr.splitlines(), result.stderr
+    assert 0.999 in katib_values(merged, [KATIB_DEFAULT_FORMAT])['accuracy']
+    assert os.listdir(export_dir) == ['1']
+
+
+def test_a_trial_against_a_hostile_served_record_reports_its_real_accuracy(small_data_path, reference_trial,
+                                                                           model_base_dir, tmp_path):
+    # The served version's run.json says its accuracy is a text that quotes metric lines.
+    serving_dir = tmp_path / 'serving'
+    shutil.copytree(model_base_dir, serving_dir)
+    set_recorded_accuracy(str(serving_dir / '1'), 'accuracy=9\naccuracy=0.999000\n')
+    result = run_script(TINY_TRIAL + [f'--data={small_data_path}', f'--export_dir={serving_dir}'])
+    check_trial_reports_its_own_metrics(result, reference_trial, tmp_path)
 
 
 def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_path, tmp_path):
