@@ -68,6 +68,7 @@ def trained_steps(tmp_path_factory, small_data_path):
     paths = {name: str(work / name) for name in ('dataset.npz', 'model', 'metrics.json',
                                                   'mlpipeline-metrics.json', 'mlpipeline-ui-metadata.json')}
     load_data.load_data(small_data_path, paths['dataset.npz'])
+    SMALL_DATASET['path'] = paths['dataset.npz']
     train.train(paths['dataset.npz'], paths['model'], **TINY_HPARAMS)
     evaluate.evaluate(paths['dataset.npz'], paths['model'], paths['metrics.json'],
                       paths['mlpipeline-metrics.json'], paths['mlpipeline-ui-metadata.json'])
@@ -82,11 +83,32 @@ def exported_candidate(tmp_path_factory, trained_steps):
     return export_dir
 
 
+# The dataset npz of the small data that promote_into judges on, written once by the trained_steps fixture.
+SMALL_DATASET = {}
+
+
 def promote_into(candidate, serving_dir, **rule):
-    """promote() the candidate into serving_dir, with its KFP outputs beside serving_dir; returns its outputs."""
+    """promote() the candidate into serving_dir, judged on the small data's test split, with its KFP outputs beside
+    serving_dir; returns its outputs. (Any test that promotes has an exported model, so the dataset exists.)"""
     outputs = os.path.join(os.path.dirname(os.path.abspath(serving_dir)), 'promote-outputs')
-    return promote.promote(candidate, str(serving_dir), os.path.join(outputs, 'metrics.json'),
+    return promote.promote(candidate, SMALL_DATASET['path'], str(serving_dir), os.path.join(outputs, 'metrics.json'),
                            os.path.join(outputs, 'ui-metadata.json'), **rule)
+
+
+@pytest.fixture(scope='session')
+def model_variants(tmp_path_factory, trained_steps):
+    """Models of the small data that predict differently from the exported candidate (trained for 300 steps): a
+    worse one (40 steps) and a better one (900 steps), exported as candidates; {name: folder}."""
+    work = tmp_path_factory.mktemp('variants')
+    folders = {}
+    for name, steps in (('worse', 40), ('better', 900)):
+        model_dir, metrics = str(work / f'{name}-model'), str(work / f'{name}-metrics')
+        train.train(trained_steps['dataset.npz'], model_dir, **dict(TINY_HPARAMS, epoch=steps))
+        evaluate.evaluate(trained_steps['dataset.npz'], model_dir, os.path.join(metrics, 'metrics.json'),
+                          os.path.join(metrics, 'kfp.json'), os.path.join(metrics, 'ui.json'))
+        folders[name] = str(work / name)
+        export.export(model_dir, os.path.join(metrics, 'metrics.json'), folders[name])
+    return folders
 
 
 @pytest.fixture(scope='session')
