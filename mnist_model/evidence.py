@@ -139,8 +139,8 @@ def check_dataset(x_train, y_train, x_test, y_test, name):
                          'is judged on all ten digits')
     leaked = count_leaked(np.asarray(x_train), np.asarray(x_test))
     if leaked:
-        raise ValueError(f'{name}: {leaked} of {len(x_test)} test images are exact copies of training images; a test '
-                         'split must hold images the model has not trained on')
+        raise ValueError(f'{name}: {count_text(leaked)} of {count_text(len(x_test))} test images are exact copies of '
+                         'training images; a test split must hold images the model has not trained on')
 
 
 def test_set_fingerprint(x_test, y_test):
@@ -545,18 +545,33 @@ def gate(candidate_dir, versions, test_split, rule=Rule(), candidate=None):
 
 # ------------------------------------------------------------------------------------------------ for the reader
 
-def test_set_change(test_set, served_record, served_name):
-    """A phrase saying that the served version was last judged on another test set than test_set ('' when the same):
-    served_record is its run.json's 'evidence' (judge's record), which may be missing or malformed. Only ever shown,
-    never decided on."""
-    recorded = served_record.get('test_set') if isinstance(served_record, dict) else None
-    if not isinstance(recorded, dict) or not isinstance(recorded.get('sha256'), str) \
-            or not isinstance(recorded.get('examples'), int) or isinstance(recorded.get('examples'), bool):
+def recorded_test_set(run_info):
+    """The TestSet a version's run.json (parsed, any JSON value) says it was judged on, at
+    ['promotion']['evidence']['test_set'] where promote stores judge's record; None when it is missing or malformed
+    (a file is never trusted to hold what it should)."""
+    path = ('promotion', 'evidence', 'test_set')
+    value = run_info
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    examples, sha256 = value.get('examples'), value.get('sha256')
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0 or not isinstance(sha256, str) \
+            or len(sha256) != 64 or any(character not in '0123456789abcdef' for character in sha256):
+        return None
+    return TestSet(examples, sha256)
+
+
+def test_set_change(test_set, served_run_info, served_name):
+    """A phrase saying that the served version was last judged on another test set than test_set, or has no record
+    of one ('' when it was judged on the same): served_run_info is its parsed run.json, whatever it holds. Only ever
+    shown, never decided on."""
+    recorded = recorded_test_set(served_run_info)
+    if recorded is None:
         return f'{served_name} has no record of the test set it was judged on'
-    if recorded['sha256'] == test_set.sha256 and recorded['examples'] == test_set.examples:
+    if recorded == test_set:
         return ''
-    return (f'{served_name} was last judged on another test set '
-            f'({describe_test_set(TestSet(recorded["examples"], recorded["sha256"]))})')
+    return f'{served_name} was last judged on another test set ({describe_test_set(recorded)})'
 
 
 def describe_evidence(record):

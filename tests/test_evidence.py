@@ -84,8 +84,8 @@ def test_leaked_test_images_are_counted_exactly(small_data):
     leaked[20, 3, 3] ^= 1
     with pytest.raises(ValueError) as error:
         evidence.check_dataset(x_train, y_train, leaked, y_test, 'leaky.npz')
-    assert str(error.value) == ('leaky.npz: 12 of 1000 test images are exact copies of training images; a test split '
-                                'must hold images the model has not trained on')
+    assert str(error.value) == ('leaky.npz: 12 of 1 000 test images are exact copies of training images; a test '
+                                'split must hold images the model has not trained on')
 
 
 def test_key_collisions_never_count_as_copies(small_data, monkeypatch):
@@ -349,12 +349,17 @@ def test_the_record_reads_as_a_line_and_a_table(measured):
 
 def test_a_changed_test_set_is_named(measured):
     better, _ = measured
-    same = {'test_set': better.test_set._asdict()}
-    assert evidence.test_set_change(better.test_set, same, 'version 2') == ''
-    other = {'test_set': {'examples': 10, 'sha256': 'ab' * 32}}
+
+    def run_info(test_set):
+        return {'accuracy': 0.99, 'promotion': {'decision': 'promoted', 'evidence': {'test_set': test_set}}}
+
+    assert evidence.test_set_change(better.test_set, run_info(better.test_set._asdict()), 'version 2') == ''
+    other = run_info({'examples': 10, 'sha256': 'ab' * 32})
     assert evidence.test_set_change(better.test_set, other, 'version 2') == (
         'version 2 was last judged on another test set (10 test images, sha256 abababab)')
-    for malformed in (None, 'accuracy=9', {'test_set': {'examples': True, 'sha256': 'x'}}, {'test_set': []}):
+    for malformed in (None, 'accuracy=9', {'promotion': 'forced'}, run_info([]), run_info({'examples': True}),
+                      run_info({'examples': 10, 'sha256': 'accuracy=9\n' * 6 + 'abcd'}),
+                      run_info({'examples': -1, 'sha256': 'ab' * 32})):
         assert evidence.test_set_change(better.test_set, malformed, 'version 2') == (
             'version 2 has no record of the test set it was judged on')
 
