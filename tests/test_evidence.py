@@ -121,13 +121,13 @@ def test_data_unfit_to_judge_on_is_one_line(small_data, change, message):
 
 def test_the_fingerprint_names_the_test_set(small_data):
     _, _, x_test, y_test = small_data
-    fingerprint = evidence.test_set_fingerprint(x_test, y_test)
-    assert fingerprint == evidence.test_set_fingerprint(x_test.copy(), y_test.astype(np.int64))
+    fingerprint = evidence.fingerprint_test_split(x_test, y_test)
+    assert fingerprint == evidence.fingerprint_test_split(x_test.copy(), y_test.astype(np.int64))
     relabelled = y_test.copy()
     relabelled[0] = (relabelled[0] + 1) % 10
-    assert evidence.test_set_fingerprint(x_test, relabelled).sha256 != fingerprint.sha256
-    assert evidence.test_set_fingerprint(x_test[:999], y_test[:999]).examples == 999
-    assert evidence.describe_test_set(fingerprint) == f'1 000 test images, sha256 {fingerprint.sha256[:8]}'
+    assert evidence.fingerprint_test_split(x_test, relabelled).sha256 != fingerprint.sha256
+    assert evidence.fingerprint_test_split(x_test[:999], y_test[:999]).examples == 999
+    assert evidence.describe_test_split(fingerprint) == f'1 000 test images, sha256 {fingerprint.sha256[:8]}'
     assert len(fingerprint.sha256) == 64
 
 
@@ -198,7 +198,7 @@ def test_measure_gives_the_trainers_figures(exported_candidate, trained_steps, s
     assert measured.predictions.dtype == np.int64 and measured.predictions.shape == (1000,)
     counts = np.bincount(y_test, minlength=10)
     assert np.dot(measured.per_digit, counts) / 1000 == pytest.approx(measured.accuracy)
-    assert measured.test_set == evidence.test_set_fingerprint(x_test, y_test)
+    assert measured.test_set == evidence.fingerprint_test_split(x_test, y_test)
     assert measured.name == 'the candidate' and 0 < measured.seconds < 60
     assert 0.5 < measured.accuracy < 1
 
@@ -327,7 +327,7 @@ def test_numbers_that_are_not_evidence_are_refused(measured, small_data):
         with pytest.raises(ValueError, match=r'^--\w+ must be (a number|true or false)'):
             evidence.judge(better, worse, rule)
     _, _, x_test, y_test = small_data
-    other_set = better._replace(test_set=evidence.test_set_fingerprint(x_test[:999], y_test[:999]))
+    other_set = better._replace(test_set=evidence.fingerprint_test_split(x_test[:999], y_test[:999]))
     with pytest.raises(ValueError, match='were measured on different test sets'):
         evidence.judge(other_set, worse)
 
@@ -353,14 +353,14 @@ def test_a_changed_test_set_is_named(measured):
     def run_info(test_set):
         return {'accuracy': 0.99, 'promotion': {'decision': 'promoted', 'evidence': {'test_set': test_set}}}
 
-    assert evidence.test_set_change(better.test_set, run_info(better.test_set._asdict()), 'version 2') == ''
+    assert evidence.changed_test_split(better.test_set, run_info(better.test_set._asdict()), 'version 2') == ''
     other = run_info({'examples': 10, 'sha256': 'ab' * 32})
-    assert evidence.test_set_change(better.test_set, other, 'version 2') == (
+    assert evidence.changed_test_split(better.test_set, other, 'version 2') == (
         'version 2 was last judged on another test set (10 test images, sha256 abababab)')
     for malformed in (None, 'accuracy=9', {'promotion': 'forced'}, run_info([]), run_info({'examples': True}),
                       run_info({'examples': 10, 'sha256': 'accuracy=9\n' * 6 + 'abcd'}),
                       run_info({'examples': -1, 'sha256': 'ab' * 32})):
-        assert evidence.test_set_change(better.test_set, malformed, 'version 2') == (
+        assert evidence.changed_test_split(better.test_set, malformed, 'version 2') == (
             'version 2 has no record of the test set it was judged on')
 
 
