@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -420,3 +422,8 @@ def test_the_module_can_be_embedded_in_a_component():
     statements = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.Expr)
     assert all(isinstance(node, statements) for node in tree.body)
     assert all(isinstance(node.value, ast.Constant) for node in tree.body if isinstance(node, ast.Expr))
+    # Run as a component runs it: the source as the program of `python3 -c`, then the step's call.
+    with open(source_path) as file:
+        program = file.read() + '\nprint(describe_test_split(Fingerprint(10000, "ab" * 32)))\n'
+    process = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=60)
+    assert (process.returncode, process.stdout) == (0, '10 000 test images, sha256 abababab\n'), process.stderr
