@@ -389,6 +389,9 @@ def test_the_gate_measures_both_and_declines_worse_identical_and_contract_breaki
     assert forced.record['reason'] == verdict.reason
     assert evidence.per_digit_table(forced.record).splitlines()[0] == '| digit | version 3 |'
     assert evidence.describe_evidence(forced.record).startswith('the candidate could not be measured on 1 000 ')
+    # With nothing served there is no contract to break, but it still cannot be measured.
+    assert evidence.gate(narrow, [], test_split).reason.startswith(
+        f'it cannot be measured: {narrow}: serving_default takes pixels float32[-1,100]')
 
 
 def test_the_gate_under_the_lock_reuses_the_candidates_measurement(exported_candidate, worse_candidate,
