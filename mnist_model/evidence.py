@@ -4,7 +4,7 @@ served model measured together, through `serving_default`, on the same test imag
 Every number the gate acts on is measured here, never read from a record: `measure` loads a SavedModel folder the
 way a server does (tf.saved_model.load) and runs its `serving_default` signature on the test split, and `judge`
 compares two such measurements (the candidate and the champion, the version a server serves now) example by example
-and digit by digit. Around them: `check_dataset` (what load_data must refuse), `test_set_fingerprint` (which test set
+and digit by digit. Around them: `check_dataset` (what load_data must refuse), `fingerprint_test_split` (which test set
 a decision was made on), `signature_contract` and `contract_difference` (what clients of the served version rely on).
 `gate` runs them in the gate's order in one call. Every failure is a ValueError with one line naming the problem.
 
@@ -56,7 +56,7 @@ class Rule(NamedTuple):
     force_export: bool = False
 
 
-class TestSet(NamedTuple):
+class Fingerprint(NamedTuple):
     """Which test set a measurement was made on: its size and the sha256 of its images and labels."""
     examples: int
     sha256: str
@@ -66,7 +66,7 @@ class Measurement(NamedTuple):
     """One model measured through serving_default on one test set (see measure)."""
     name: str                  # how decision lines name the model: 'the candidate', 'version 3'
     folder: str
-    test_set: TestSet
+    test_set: Fingerprint
     accuracy: float            # the fraction of test images whose `digit` equals the label
     loss: Optional[float]      # mean cross-entropy of `probabilities`; None without that output
     per_digit: tuple           # DIGITS accuracies, one per true digit
@@ -139,19 +139,19 @@ def check_dataset(x_train, y_train, x_test, y_test, name):
                          'is judged on all ten digits')
     leaked = count_leaked(np.asarray(x_train), np.asarray(x_test))
     if leaked:
-        raise ValueError(f'{name}: {leaked} of {len(x_test)} test images are exact copies of training images; a test '
-                         'split must hold images the model has not trained on')
+        raise ValueError(f'{name}: {count_text(leaked)} of {count_text(len(x_test))} test images are exact copies of '
+                         'training images; a test split must hold images the model has not trained on')
 
 
-def test_set_fingerprint(x_test, y_test):
-    """The TestSet of these test images and labels: their count and the sha256 of their shapes and bytes (labels as
+def fingerprint_test_split(x_test, y_test):
+    """The Fingerprint of these test images and labels: their count and the sha256 of their shapes and bytes (labels as
     uint8, as load_data stores them), the same for the same data wherever it was read from."""
     images = np.ascontiguousarray(x_test, dtype=np.uint8)
     labels = np.ascontiguousarray(y_test).astype(np.uint8)
     digest = hashlib.sha256(repr((images.shape, labels.shape)).encode())
     digest.update(images.tobytes())
     digest.update(labels.tobytes())
-    return TestSet(len(labels), digest.hexdigest())
+    return Fingerprint(len(labels), digest.hexdigest())
 
 
 def count_text(count):
@@ -159,7 +159,7 @@ def count_text(count):
     return f'{count:,}'.replace(',', ' ')
 
 
-def describe_test_set(test_set):
+def describe_test_split(test_set):
     """The test set as the decision line names it: '10 000 test images, sha256 1a2b3c4d'."""
     return f'{count_text(test_set.examples)} test images, sha256 {test_set.sha256[:8]}'
 
@@ -360,7 +360,7 @@ def measure(saved_model_dir, images, labels, name=None):
     predictions, probabilities = run_serving_default(function, input_name, images, saved_model_dir)
     del loaded  # Kept until here: the signature function needs the loaded object's variables.
     accuracy, loss, per_digit = summarise(labels, predictions, probabilities)
-    test_set = test_set_fingerprint(images.reshape(len(images), *IMAGE_SHAPE), labels)
+    test_set = fingerprint_test_split(images.reshape(len(images), *IMAGE_SHAPE), labels)
     return Measurement(name or saved_model_dir, saved_model_dir, test_set, accuracy, loss, per_digit, predictions,
                        predictions == np.asarray(labels, dtype=np.int64), time.perf_counter() - started)
 
@@ -426,7 +426,7 @@ def compare(candidate, champion):
     (broken), each digit's change in accuracy and the largest drop."""
     if champion.test_set != candidate.test_set:
         raise ValueError(f'the candidate and {champion.name} were measured on different test sets '
-                         f'({describe_test_set(candidate.test_set)}; {describe_test_set(champion.test_set)})')
+                         f'({describe_test_split(candidate.test_set)}; {describe_test_split(champion.test_set)})')
     changes = [cand - champ for cand, champ in zip(candidate.per_digit, champion.per_digit)]
     worst = int(np.argmin(changes))
     return {'identical_predictions': bool(np.array_equal(candidate.predictions, champion.predictions)),
@@ -536,7 +536,7 @@ def gate(candidate_dir, versions, test_split, rule=Rule(), candidate=None):
         try:
             candidate = measure(candidate_dir, images, labels, name='the candidate')
         except ValueError as error:
-            test_set = test_set_fingerprint(np.asarray(images).reshape(len(images), *IMAGE_SHAPE), labels)
+            test_set = fingerprint_test_split(np.asarray(images).reshape(len(images), *IMAGE_SHAPE), labels)
             reason, record = unmeasured_record(error, change, rule, champion, test_set)
             return Verdict('' if rule.force_export else reason, record, None, version, champion, passed_over)
     reason, record = judge(candidate, champion, rule, change)
@@ -545,24 +545,39 @@ def gate(candidate_dir, versions, test_split, rule=Rule(), candidate=None):
 
 # ------------------------------------------------------------------------------------------------ for the reader
 
-def test_set_change(test_set, served_record, served_name):
-    """A phrase saying that the served version was last judged on another test set than test_set ('' when the same):
-    served_record is its run.json's 'evidence' (judge's record), which may be missing or malformed. Only ever shown,
-    never decided on."""
-    recorded = served_record.get('test_set') if isinstance(served_record, dict) else None
-    if not isinstance(recorded, dict) or not isinstance(recorded.get('sha256'), str) \
-            or not isinstance(recorded.get('examples'), int) or isinstance(recorded.get('examples'), bool):
+def recorded_fingerprint(run_info):
+    """The Fingerprint a version's run.json (parsed, any JSON value) says it was judged on, at
+    ['promotion']['evidence']['test_set'] where promote stores judge's record; None when it is missing or malformed
+    (a file is never trusted to hold what it should)."""
+    path = ('promotion', 'evidence', 'test_set')
+    value = run_info
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    if not isinstance(value, dict):
+        return None
+    examples, sha256 = value.get('examples'), value.get('sha256')
+    if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0 or not isinstance(sha256, str) \
+            or len(sha256) != 64 or any(character not in '0123456789abcdef' for character in sha256):
+        return None
+    return Fingerprint(examples, sha256)
+
+
+def changed_test_split(test_set, served_run_info, served_name):
+    """A phrase saying that the served version was last judged on another test set than test_set, or has no record
+    of one ('' when it was judged on the same): served_run_info is its parsed run.json, whatever it holds. Only ever
+    shown, never decided on."""
+    recorded = recorded_fingerprint(served_run_info)
+    if recorded is None:
         return f'{served_name} has no record of the test set it was judged on'
-    if recorded['sha256'] == test_set.sha256 and recorded['examples'] == test_set.examples:
+    if recorded == test_set:
         return ''
-    return (f'{served_name} was last judged on another test set '
-            f'({describe_test_set(TestSet(recorded["examples"], recorded["sha256"]))})')
+    return f'{served_name} was last judged on another test set ({describe_test_split(recorded)})'
 
 
 def describe_evidence(record):
     """One line of the paired evidence in a judge record: 'candidate 0.9812, version 3 0.9731 on 10 000 test
     images, sha256 1a2b3c4d: 120 fixed, 39 broken, digit 7 down 0.0050 at most'."""
-    test_set = describe_test_set(TestSet(**record['test_set']))
+    test_set = describe_test_split(Fingerprint(**record['test_set']))
     candidate, champion = record['candidate'], record['champion']
     if candidate is None:
         return f'the candidate could not be measured on {test_set}'

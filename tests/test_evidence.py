@@ -6,6 +6,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -84,8 +86,8 @@ def test_leaked_test_images_are_counted_exactly(small_data):
     leaked[20, 3, 3] ^= 1
     with pytest.raises(ValueError) as error:
         evidence.check_dataset(x_train, y_train, leaked, y_test, 'leaky.npz')
-    assert str(error.value) == ('leaky.npz: 12 of 1000 test images are exact copies of training images; a test split '
-                                'must hold images the model has not trained on')
+    assert str(error.value) == ('leaky.npz: 12 of 1 000 test images are exact copies of training images; a test '
+                                'split must hold images the model has not trained on')
 
 
 def test_key_collisions_never_count_as_copies(small_data, monkeypatch):
@@ -121,13 +123,13 @@ def test_data_unfit_to_judge_on_is_one_line(small_data, change, message):
 
 def test_the_fingerprint_names_the_test_set(small_data):
     _, _, x_test, y_test = small_data
-    fingerprint = evidence.test_set_fingerprint(x_test, y_test)
-    assert fingerprint == evidence.test_set_fingerprint(x_test.copy(), y_test.astype(np.int64))
+    fingerprint = evidence.fingerprint_test_split(x_test, y_test)
+    assert fingerprint == evidence.fingerprint_test_split(x_test.copy(), y_test.astype(np.int64))
     relabelled = y_test.copy()
     relabelled[0] = (relabelled[0] + 1) % 10
-    assert evidence.test_set_fingerprint(x_test, relabelled).sha256 != fingerprint.sha256
-    assert evidence.test_set_fingerprint(x_test[:999], y_test[:999]).examples == 999
-    assert evidence.describe_test_set(fingerprint) == f'1 000 test images, sha256 {fingerprint.sha256[:8]}'
+    assert evidence.fingerprint_test_split(x_test, relabelled).sha256 != fingerprint.sha256
+    assert evidence.fingerprint_test_split(x_test[:999], y_test[:999]).examples == 999
+    assert evidence.describe_test_split(fingerprint) == f'1 000 test images, sha256 {fingerprint.sha256[:8]}'
     assert len(fingerprint.sha256) == 64
 
 
@@ -198,7 +200,7 @@ def test_measure_gives_the_trainers_figures(exported_candidate, trained_steps, s
     assert measured.predictions.dtype == np.int64 and measured.predictions.shape == (1000,)
     counts = np.bincount(y_test, minlength=10)
     assert np.dot(measured.per_digit, counts) / 1000 == pytest.approx(measured.accuracy)
-    assert measured.test_set == evidence.test_set_fingerprint(x_test, y_test)
+    assert measured.test_set == evidence.fingerprint_test_split(x_test, y_test)
     assert measured.name == 'the candidate' and 0 < measured.seconds < 60
     assert 0.5 < measured.accuracy < 1
 
@@ -327,7 +329,7 @@ def test_numbers_that_are_not_evidence_are_refused(measured, small_data):
         with pytest.raises(ValueError, match=r'^--\w+ must be (a number|true or false)'):
             evidence.judge(better, worse, rule)
     _, _, x_test, y_test = small_data
-    other_set = better._replace(test_set=evidence.test_set_fingerprint(x_test[:999], y_test[:999]))
+    other_set = better._replace(test_set=evidence.fingerprint_test_split(x_test[:999], y_test[:999]))
     with pytest.raises(ValueError, match='were measured on different test sets'):
         evidence.judge(other_set, worse)
 
@@ -349,13 +351,18 @@ def test_the_record_reads_as_a_line_and_a_table(measured):
 
 def test_a_changed_test_set_is_named(measured):
     better, _ = measured
-    same = {'test_set': better.test_set._asdict()}
-    assert evidence.test_set_change(better.test_set, same, 'version 2') == ''
-    other = {'test_set': {'examples': 10, 'sha256': 'ab' * 32}}
-    assert evidence.test_set_change(better.test_set, other, 'version 2') == (
+
+    def run_info(test_set):
+        return {'accuracy': 0.99, 'promotion': {'decision': 'promoted', 'evidence': {'test_set': test_set}}}
+
+    assert evidence.changed_test_split(better.test_set, run_info(better.test_set._asdict()), 'version 2') == ''
+    other = run_info({'examples': 10, 'sha256': 'ab' * 32})
+    assert evidence.changed_test_split(better.test_set, other, 'version 2') == (
         'version 2 was last judged on another test set (10 test images, sha256 abababab)')
-    for malformed in (None, 'accuracy=9', {'test_set': {'examples': True, 'sha256': 'x'}}, {'test_set': []}):
-        assert evidence.test_set_change(better.test_set, malformed, 'version 2') == (
+    for malformed in (None, 'accuracy=9', {'promotion': 'forced'}, run_info([]), run_info({'examples': True}),
+                      run_info({'examples': 10, 'sha256': 'accuracy=9\n' * 6 + 'abcd'}),
+                      run_info({'examples': -1, 'sha256': 'ab' * 32})):
+        assert evidence.changed_test_split(better.test_set, malformed, 'version 2') == (
             'version 2 has no record of the test set it was judged on')
 
 
@@ -382,6 +389,9 @@ def test_the_gate_measures_both_and_declines_worse_identical_and_contract_breaki
     assert forced.record['reason'] == verdict.reason
     assert evidence.per_digit_table(forced.record).splitlines()[0] == '| digit | version 3 |'
     assert evidence.describe_evidence(forced.record).startswith('the candidate could not be measured on 1 000 ')
+    # With nothing served there is no contract to break, but it still cannot be measured.
+    assert evidence.gate(narrow, [], test_split).reason.startswith(
+        f'it cannot be measured: {narrow}: serving_default takes pixels float32[-1,100]')
 
 
 def test_the_gate_under_the_lock_reuses_the_candidates_measurement(exported_candidate, worse_candidate,
@@ -415,3 +425,8 @@ def test_the_module_can_be_embedded_in_a_component():
     statements = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef, ast.Assign, ast.Expr)
     assert all(isinstance(node, statements) for node in tree.body)
     assert all(isinstance(node.value, ast.Constant) for node in tree.body if isinstance(node, ast.Expr))
+    # Run as a component runs it: the source as the program of `python3 -c`, then the step's call.
+    with open(source_path) as file:
+        program = file.read() + '\nprint(describe_test_split(Fingerprint(10000, "ab" * 32)))\n'
+    process = subprocess.run([sys.executable, '-c', program], capture_output=True, text=True, timeout=60)
+    assert (process.returncode, process.stdout) == (0, '10 000 test images, sha256 abababab\n'), process.stderr
