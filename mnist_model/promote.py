@@ -179,10 +179,11 @@ def install(progress, run_info, owner_path, model_version, verdict):
     if os.path.exists(progress.version_dir):
         raise FileExistsError(f'{progress.version_dir} appeared while promoting: choose another model version')
     champion = verdict.record['champion']
-    run_info.update(model_version=progress.version, evidence=verdict.record, promotion={
+    run_info.update(model_version=progress.version, promotion={
         'decision': verdict.record['decision'], 'baseline_version': verdict.champion_version,
         'baseline_accuracy': champion['accuracy'] if champion else None, **verdict.record['rule'],
-        'promoted_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')})
+        'promoted_at': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ'),
+        'evidence': verdict.record})
     if verdict.candidate is not None:
         # What was measured through serving_default now, on this test split, not what the trainer said.
         run_info.update(accuracy=verdict.candidate.accuracy, test_examples=verdict.candidate.test_set.examples)
@@ -218,11 +219,11 @@ def decide_and_install(export_dir, test_split, rule, model_version, progress):
 
 def judged_on(verdict, serving_dir):
     """The test set the decision was made on, and whether the served version was last judged on another one."""
-    test_set = evidence.TestSet(**verdict.record['test_set'])
-    note = evidence.describe_test_set(test_set)
+    test_set = evidence.Fingerprint(**verdict.record['test_set'])
+    note = evidence.describe_test_split(test_set)
     if verdict.champion_version is not None:
-        served_record = read_run_record(os.path.join(serving_dir, str(verdict.champion_version))).get('evidence')
-        change = evidence.test_set_change(test_set, served_record, f'version {verdict.champion_version}')
+        served_record = read_run_record(os.path.join(serving_dir, str(verdict.champion_version)))
+        change = evidence.changed_test_split(test_set, served_record, f'version {verdict.champion_version}')
         note += f'; {change}' if change else ''
     return note
 

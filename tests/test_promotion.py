@@ -65,7 +65,8 @@ def metric_lines(stdout):
 def test_a_worse_run_is_not_promoted_and_says_why(good_then_worse):
     folder, runs = good_then_worse
     assert runs['good'].returncode == 0, runs['good'].stderr
-    assert re.search(r'^Promoted: version 1 \(test accuracy 0\.\d{4}\) exported to .*/1, the first version there\.$',
+    assert re.search(r'^Promoted: version 1 \(test accuracy 0\.\d{4}\) exported to .*/1, the first version there '
+                     r'\(1 000 test images, sha256 [0-9a-f]{8}\)\.$',
                      runs['good'].stdout, re.MULTILINE)
     worse = runs['worse']
     assert worse.returncode == 0, worse.stderr
@@ -74,8 +75,9 @@ def test_a_worse_run_is_not_promoted_and_says_why(good_then_worse):
     assert worse_accuracy < good_accuracy
     # One line naming both accuracies and the flag that overrides; the Katib metric lines still print.
     (line,) = [line for line in worse.stdout.splitlines() if line.startswith('Not promoted')]
-    assert line == (f'Not promoted: its test accuracy {worse_accuracy:.4f} is below {good_accuracy:.4f} of version 1, '
-                    f'which stays in service; --force_export exports it anyway.')
+    assert re.fullmatch(rf'Not promoted: its test accuracy {worse_accuracy:.4f} is below {good_accuracy:.4f} of '
+                        rf'version 1 \(1 000 test images, sha256 [0-9a-f]{{8}}\); --force_export exports it anyway\.',
+                        line)
     assert set(metric_lines(worse.stdout)) == {'accuracy', 'loss'}
     assert runs['listing after worse'] == ['1'], 'nothing left behind, no .tmp-* folder'
 
@@ -85,7 +87,9 @@ def test_force_export_adds_the_worse_version_and_records_it(good_then_worse):
     assert runs['forced'].returncode == 0, runs['forced'].stderr
     assert listing(folder) == ['1', '2']
     assert re.search(r'^Forced: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2 without the promotion rule; it '
-                     r'replaces 0\.\d{4} of version 1\.$', runs['forced'].stdout, re.MULTILINE)
+                     r'replaces 0\.\d{4} of version 1 \(1 000 test images, sha256 [0-9a-f]{8}\); the rule would have '
+                     r'declined it: its test accuracy 0\.\d{4} is below 0\.\d{4} of version 1\.$', runs['forced'].stdout,
+                     re.MULTILINE)
     first, second = served_record(folder, 1), served_record(folder, 2)
     assert first['model_version'] == 1 and first['promotion']['decision'] == 'promoted'
     assert first['promotion']['baseline_version'] is None
@@ -95,10 +99,12 @@ def test_force_export_adds_the_worse_version_and_records_it(good_then_worse):
 
 
 def test_a_katib_trial_that_exports_follows_the_same_rule(serving_dir, small_data_path):
+    # A record claiming 0.999 for the served version changes nothing: the gate measures it.
     set_served_accuracy(serving_dir, 1, 0.999)
     process = run_script(TRIAL_PY, '--data', small_data_path, '--export_dir', serving_dir, *TINY_FLAGS, '--epoch=50')
     assert process.returncode == 0, process.stderr
-    assert 'Not promoted: its test accuracy ' in process.stdout and 'below 0.9990 of version 1' in process.stdout
+    served = re.search(r'Not promoted: its test accuracy 0\.\d{4} is below (0\.\d{4}) of version 1 ', process.stderr)
+    assert served and 0.85 < float(served.group(1)) < 0.99
     assert set(metric_lines(process.stdout)) == {'accuracy', 'loss'}, 'Katib must still record the trial'
     assert listing(serving_dir) == ['1']
 
@@ -120,69 +126,112 @@ def test_bad_promotion_flags_are_one_line_and_change_nothing(script, argv, messa
 
 # -------------------------------------------------------------------------------------------- promote() itself
 
-def test_a_tie_promotes_and_records_what_it_beat(serving_dir, exported_candidate):
-    outputs = promote_into(exported_candidate, serving_dir)
+def test_a_better_model_promotes_and_records_what_it_beat(serving_dir, model_variants):
+    outputs = promote_into(model_variants['better'], serving_dir)
     assert outputs.promoted and outputs.model_version == 2
-    accuracy = candidate_accuracy(exported_candidate)
-    assert outputs.decision == (f'Promoted: version 2 (test accuracy {accuracy:.4f}) exported to '
-                                f'{os.path.join(serving_dir, "2")}; it replaces {accuracy:.4f} of version 1.')
-    promotion = served_record(serving_dir, 2)['promotion']
-    assert (promotion['decision'], promotion['baseline_version'], promotion['baseline_accuracy']) == (
-        'promoted', 1, accuracy)
+    record = served_record(serving_dir, 2)
+    promotion, evidence = record['promotion'], record['promotion']['evidence']
+    candidate, champion = evidence['candidate'], evidence['champion']
+    assert candidate['accuracy'] > champion['accuracy'] == promotion['baseline_accuracy']
+    assert record['accuracy'] == candidate['accuracy'], 'the served accuracy is the one measured now'
+    assert re.fullmatch(rf'Promoted: version 2 \(test accuracy {candidate["accuracy"]:.4f}\) exported to '
+                        rf'{re.escape(os.path.join(serving_dir, "2"))}; it replaces {champion["accuracy"]:.4f} of version '
+                        rf'1 \(1 000 test images, sha256 [0-9a-f]{{8}}\)\.', outputs.decision)
+    assert (promotion['decision'], promotion['baseline_version']) == ('promoted', 1)
+    assert evidence['test_set']['examples'] == 1000 and len(candidate['per_digit']) == 10
+    assert evidence['fixed'] > evidence['broken'] >= 0
     assert re.fullmatch(r'\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ', promotion['promoted_at'])
 
 
-def test_the_kfp_outputs_show_the_decision(serving_dir, exported_candidate):
+def test_an_identical_model_is_declined_and_force_export_overrides(serving_dir, exported_candidate):
+    outputs = promote_into(exported_candidate, serving_dir)
+    assert not outputs.promoted and outputs.decision.startswith(
+        'Not promoted: its predictions equal those of version 1 on all 1 000 test images')
+    assert listing(serving_dir) == ['1']
+    assert promote_into(exported_candidate, serving_dir, force_export=True).model_version == 2
+    assert served_record(serving_dir, 2)['promotion']['evidence']['identical_predictions'] is True
+
+
+def test_the_kfp_outputs_show_the_decision_and_both_models_per_digit(serving_dir, model_variants):
     outputs_dir = os.path.join(os.path.dirname(serving_dir), 'promote-outputs')
 
     def read(name):
         with open(os.path.join(outputs_dir, name)) as file:
             return json.load(file)
 
-    promote_into(exported_candidate, serving_dir)
+    promote_into(model_variants['better'], serving_dir)
     metrics = {metric['name']: metric['numberValue'] for metric in read('metrics.json')['metrics']}
-    assert metrics == {'promoted': 1, 'model-version': 2}
-    promote_into(exported_candidate, serving_dir, min_improvement=0.01)
+    assert metrics['promoted'] == 1 and metrics['model-version'] == 2
+    assert metrics['candidate-accuracy'] > metrics['served-accuracy'] > 0.5
+    promote_into(model_variants['worse'], serving_dir)
     metrics = {metric['name']: metric['numberValue'] for metric in read('metrics.json')['metrics']}
-    assert metrics == {'promoted': 0, 'model-version': 0}
+    assert (metrics['promoted'], metrics['model-version']) == (0, 0)
     (markdown,) = read('ui-metadata.json')['outputs']
     assert markdown['type'] == 'markdown' and markdown['storage'] == 'inline'
-    assert 'Not promoted: its test accuracy' in markdown['source']
+    source = markdown['source']
+    assert 'Not promoted: its test accuracy' in source and '| digit | version 2 | candidate | change |' in source
+    assert len(re.findall(r'^\| [0-9] \| 0\.\d{4} \| 0\.\d{4} \| [+-]0\.\d{4} \|$', source, re.MULTILINE)) == 10
 
 
-def test_min_improvement_and_the_floor_decline(serving_dir, exported_candidate):
-    accuracy = candidate_accuracy(exported_candidate)
-    outputs = promote_into(exported_candidate, serving_dir, min_improvement=0.001)
+def test_min_improvement_and_the_floor_decline(serving_dir, model_variants):
+    better = promote_into(model_variants['better'], os.path.join(os.path.dirname(serving_dir), 'probe'))
+    accuracy = float(re.search(r'test accuracy (0\.\d{4})', better.decision).group(1))
+    outputs = promote_into(model_variants['better'], serving_dir, min_improvement=0.5)
     assert not outputs.promoted and outputs.model_version == 0
-    assert outputs.decision == (f'Not promoted: its test accuracy {accuracy:.4f} is below {accuracy:.4f} of version 1 '
-                                f'+ --min_improvement 0.0010, which stays in service; --force_export exports it '
-                                f'anyway.')
-    floor = round(accuracy + 0.01, 4)
-    outputs = promote_into(exported_candidate, serving_dir, min_accuracy=floor)
-    assert outputs.decision == (f'Not promoted: its test accuracy {accuracy:.4f} is below the floor --min_accuracy '
-                                f'{floor:.4f}; --force_export exports it anyway.')
+    assert re.match(rf'Not promoted: its test accuracy {accuracy:.4f} is below 0\.\d{{4}} of version 1 \+ 0\.5 '
+                    rf'\(--min_improvement\)', outputs.decision)
+    outputs = promote_into(model_variants['better'], serving_dir, min_accuracy=0.999)
+    assert outputs.decision.startswith(f'Not promoted: its test accuracy {accuracy:.4f} is below the floor 0.999 '
+                                       f'(--min_accuracy)')
     assert listing(serving_dir) == ['1']
     # The floor applies to the very first version as well.
     empty = os.path.join(os.path.dirname(serving_dir), 'empty')
-    assert not promote_into(exported_candidate, empty, min_accuracy=floor).promoted
+    assert not promote_into(model_variants['better'], empty, min_accuracy=0.999).promoted
     assert listing(empty) == []
-    assert promote_into(exported_candidate, serving_dir, min_accuracy=floor, force_export=True).model_version == 2
+    assert promote_into(model_variants['better'], serving_dir, min_accuracy=0.999,
+                        force_export=True).model_version == 2
 
 
-@pytest.mark.parametrize('damage, warning', [
-    (lambda path: os.remove(path), 'it has none'),
-    (lambda path: open(path, 'w').write('{"accuracy": '), 'JSONDecodeError'),
-    (lambda path: open(path, 'w').write('{"accuracy": "high"}'), 'ValueError'),
+@pytest.mark.parametrize('damage', [
+    lambda path: os.remove(path),
+    lambda path: open(path, 'w').write('{"accuracy": '),
+    lambda path: open(path, 'w').write('{"accuracy": "accuracy=9"}'),
+    lambda path: open(path, 'w').write('{"accuracy": 1e9}'),
+    lambda path: open(path, 'w').write('{"accuracy": NaN}'),
 ])
-def test_an_unreadable_served_record_counts_as_unknown(serving_dir, exported_candidate, capsys, damage, warning):
-    set_served_accuracy(serving_dir, 1, 1.0)
+def test_records_are_never_decided_on(serving_dir, model_variants, damage):
+    # Whatever the served version's run.json says, or if it has none, the gate measures it: a worse candidate is
+    # declined against its real accuracy, a better one promoted.
     damage(os.path.join(serving_dir, '1', 'assets.extra', 'run.json'))
-    outputs = promote_into(exported_candidate, serving_dir)
-    assert outputs.promoted and outputs.decision.endswith('it replaces version 1 (accuracy unknown).')
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith('warning: cannot read the test accuracy of served version 1 from ')
-    assert warning in line and line.endswith('treating it as unknown')
-    assert served_record(serving_dir, 2)['promotion']['baseline_accuracy'] is None
+    worse = promote_into(model_variants['worse'], serving_dir)
+    assert not worse.promoted and re.search(r'is below 0\.\d{4} of version 1 ', worse.decision)
+    assert 'has no record of the test set it was judged on' in worse.decision
+    assert promote_into(model_variants['better'], serving_dir).promoted
+
+
+def test_a_version_that_cannot_be_loaded_is_not_a_baseline(serving_dir, model_variants, capsys):
+    shutil.copytree(os.path.join(serving_dir, '1'), os.path.join(serving_dir, '2'))
+    with open(os.path.join(serving_dir, '2', 'saved_model.pb'), 'wb') as broken:
+        broken.write(b'not a SavedModel')
+    outputs = promote_into(model_variants['worse'], serving_dir)
+    assert not outputs.promoted and 'is below' in outputs.decision and 'of version 1 ' in outputs.decision
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if 'version 2' in line]
+    assert line.startswith('warning: version 2 is not a baseline (a server cannot serve it either): ')
+
+
+def test_a_model_that_breaks_the_serving_contract_is_declined(serving_dir, tmp_path):
+    import tensorflow as tf
+
+    # A model whose serving_default takes 100 numbers named x: a client of version 1 would get 400 from it.
+    module = tf.Module()
+    module.serve = tf.function(lambda x: {'digit': tf.zeros([tf.shape(x)[0]], tf.int64),
+                                          'probabilities': tf.fill([tf.shape(x)[0], 10], 0.1)},
+                               input_signature=[tf.TensorSpec([None, 100], tf.float32, name='x')])
+    tf.saved_model.save(module, str(tmp_path / 'other'), signatures={'serving_default': module.serve})
+    outputs = promote_into(str(tmp_path / 'other'), serving_dir)
+    assert not outputs.promoted
+    assert outputs.decision.startswith('Not promoted: it breaks the serving contract: ')
+    assert listing(serving_dir) == ['1']
 
 
 def test_version_numbers_skip_other_folders_and_are_never_reused(tmp_path, exported_candidate):
@@ -190,15 +239,16 @@ def test_version_numbers_skip_other_folders_and_are_never_reused(tmp_path, expor
     for name in ('3', 'data', '.tmp-11-abc', '12x', '.retired-10-20261126T120000Z'):
         (serving / name).mkdir(parents=True)
     assert promote_into(exported_candidate, serving).model_version == 11
-    assert promote_into(exported_candidate, serving, model_version=5).model_version == 5
+    assert promote_into(exported_candidate, serving, model_version=5, force_export=True).model_version == 5
     with pytest.raises(FileExistsError, match='already exists'):
-        promote_into(exported_candidate, serving, model_version=5)
+        promote_into(exported_candidate, serving, model_version=5, force_export=True)
     assert listing(serving) == ['.retired-10-20261126T120000Z', '.tmp-11-abc', '11', '12x', '3', '5', 'data']
 
 
 @pytest.mark.parametrize('rule, message', [
-    ({'min_accuracy': 1.5}, 'min_accuracy must be a test accuracy in'),
-    ({'min_improvement': -0.1}, 'min_improvement must be >= 0'),
+    ({'min_accuracy': 1.5}, r'--min_accuracy must be a number in \[0, 1\]'),
+    ({'min_improvement': -0.1}, '--min_improvement must be a number >= 0'),
+    ({'max_digit_drop': float('nan')}, '--max_digit_drop must be a number in'),
 ])
 def test_promote_checks_its_rule(serving_dir, exported_candidate, rule, message):
     with pytest.raises(ValueError, match=message):
@@ -237,7 +287,7 @@ def test_promote_takes_the_next_number_when_another_lands_first(tmp_path, export
 # ------------------------------------------------------------------------------------------------------ roll back
 
 def test_retire_takes_the_newest_version_out_of_service(serving_dir, exported_candidate):
-    promote_into(exported_candidate, serving_dir)
+    promote_into(exported_candidate, serving_dir, force_export=True)
     process = run_script(MNIST_PY, '--export_dir', serving_dir, '--retire', '2')
     assert process.returncode == 0, process.stderr
     names = listing(serving_dir)
@@ -246,7 +296,11 @@ def test_retire_takes_the_newest_version_out_of_service(serving_dir, exported_ca
                                       f'is served again (servers switch within their poll interval).')
     # The retired folder is kept whole for inspection, and its number is not given out again.
     assert os.path.isfile(os.path.join(serving_dir, names[0], 'saved_model.pb'))
-    assert promote_into(exported_candidate, serving_dir).model_version == 3
+    assert promote_into(exported_candidate, serving_dir, force_export=True).model_version == 3
+    # Retiring it again says that it was.
+    again = run_script(MNIST_PY, '--export_dir', serving_dir, '--retire', '2')
+    assert again.returncode == 1 and f'version 2 was already retired: it is {os.path.join(serving_dir, names[0])}' \
+        in again.stderr
 
 
 @pytest.mark.parametrize('argv, code, message', [
