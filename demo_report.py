@@ -170,7 +170,26 @@ def versions_table(versions, served):
                      badge('declined' if decision == 'not promoted' else decision), words(entry.get('message', ''))])
         classes.append('best' if is_served else 'declined-row' if decision == 'not promoted' else '')
     return declined_notes(versions) + table(
-        ['version', 'test accuracy', 'served before', 'from', 'decision', 'what the promote step said'], rows, classes)
+        ['version', 'test accuracy', 'served before', 'from', 'decision', 'what the promote step said'], rows,
+        classes) + per_digit_tables(versions)
+
+
+def per_digit_tables(versions):
+    """For each decision made against a served version: both models' accuracy per digit, as the gate measured them
+    on the same test images, one row per model (and the change), one column per digit."""
+    sections = []
+    for entry in versions:
+        evidence = entry.get('per_digit')
+        if not isinstance(evidence, dict) or len(evidence.get('columns') or []) < 2:
+            continue
+        columns, rows = evidence['columns'], evidence['rows']
+        labels = [str(row[0]) for row in rows]
+        lines = [[escape(column)] + [number(row[1 + position], '{:+.4f}' if column == 'change' else '{:.4f}')
+                                     for row in rows] for position, column in enumerate(columns)]
+        version = 'not promoted' if entry.get('version') is None else f'version {integer(entry["version"])}'
+        sections.append(f'<p class="note">Per digit, {source_name(entry.get("source"))} ({version}):</p>'
+                        + table(['model', *labels], lines, table_class='per-digit'))
+    return ''.join(sections)
 
 
 @functools.lru_cache(maxsize=4)

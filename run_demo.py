@@ -77,11 +77,29 @@ OVERRIDE_FLAG = '--force_export'
 # Lines of the stages' output that the terminal does not need (they stay in the logs): metric lines for Katib,
 # the local pipeline's list of output paths, blank lines, nbconvert's and the notebook kernel's own messages.
 NOISE = re.compile(r'^\s*$|^(accuracy|loss)=|^  \S+(?: \S+)?\s{2,}/|^Outputs\b|^Results: |^TensorBoard logs: |'
-                   r'^\[IPKernelApp\]|^\[NbConvertApp\] ')
+                   r'^\[IPKernelApp\]|^\[NbConvertApp\] |^(\[promote\] )?\|')
+# A row of the per-digit table the promote step prints under its decision: "| 7 | 0.9712 | 0.9805 | +0.0093 |".
+PER_DIGIT_ROW = re.compile(r'^(?:\[promote\] )?\| (\d|all) \|((?: [+-]?\d\.\d+ \|)+)$')
+PER_DIGIT_HEAD = re.compile(r'^(?:\[promote\] )?\| digit \|((?: [^|]+ \|)+)$')
 DECISION = re.compile(r'^(?:\[promote\] )?(Promoted|Forced|Not promoted): (?:version (\d+) )?.*?'
                       r'test accuracy (\d\.\d+)')
 # What a declined candidate was measured against: "... is below 0.9731 of version 1, which stays in service".
 BASELINE = re.compile(r'below (\d\.\d+) of version (\d+)')
+
+
+def per_digit_table(lines):
+    """The per-digit table at the head of lines (after the evidence line), as {'columns': [model names],
+    'rows': [[digit or 'all', accuracies and change...]]}; None when there is none."""
+    rows, columns = [], None
+    for line in lines[:16]:
+        head, row = PER_DIGIT_HEAD.match(line), PER_DIGIT_ROW.match(line)
+        if head:
+            columns = [cell.strip() for cell in head.group(1).split('|') if cell.strip()]
+        elif row and columns:
+            rows.append([row.group(1), *(float(cell) for cell in row.group(2).split('|') if cell.strip())])
+        elif rows:
+            break
+    return {'columns': columns, 'rows': rows} if rows else None
 
 
 class StageFailed(Exception):
@@ -211,10 +229,11 @@ class Demo:
         return max(serving_folder.versions(self.serving_dir), default=None)
 
     def record_decisions(self, name, output, served_before):
-        """Add the promotion decisions a stage printed to the list of versions and candidates; a declined one is
-        shown with both accuracies, the override flag and the version still served."""
+        """Add the promotion decisions a stage printed to the list of versions and candidates, each with the
+        per-digit table printed under it; a declined one is shown with both accuracies, the override flag and the
+        version still served. (What the promote step printed is shown, never decided on.)"""
         served_after = self.served_version()
-        for line in output:
+        for index, line in enumerate(output):
             match = DECISION.match(line)
             if not match:
                 continue
@@ -223,6 +242,7 @@ class Demo:
                      'decision': kind.lower(), 'message': line.split('] ', 1)[-1], 'served_before': served_before,
                      'served_after': served_after}
             self.summary['versions'].append(entry)
+            entry['per_digit'] = per_digit_table(output[index + 1:])
             baseline = BASELINE.search(line)
             if entry['decision'] == 'not promoted' and baseline:
                 entry.update(baseline_accuracy=float(baseline.group(1)), baseline_version=int(baseline.group(2)),

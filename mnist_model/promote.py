@@ -342,7 +342,9 @@ def promote(export_dir: InputPath('SavedModel'), dataset_path: InputPath('npz'),
         if not progress.promoted:
             restore_sigterm()
     line = decision_line(progress, verdict, rule)
-    print(line, flush=True)
+    table = evidence.per_digit_table(verdict.record)
+    # The decision, then what it rests on: the paired evidence and both models' accuracy per digit (a markdown table).
+    print(f'{line}\n  {evidence.describe_evidence(verdict.record)}' + (f'\n{table}' if table else ''), flush=True)
     try:
         write_kfp_outputs(mlpipeline_metrics_path, mlpipeline_ui_metadata_path, progress, line, verdict.record)
     finally:

@@ -436,13 +436,13 @@ class SendingClients:
 
 
 def test_new_version_swaps_in_under_load_without_failed_requests(served, exported_candidate):
-    """mnist.promote writes version 2 while 4 clients send requests; none fails. Version 1 stays loaded as the
+    """promote writes version 2 (the same model, forced past the gate) while 4 clients send requests; none fails. Version 1 stays loaded as the
     standby and answers requests that name it, as TF Serving's latest{num_versions: 2} policy does. Runs after
     the tests above, which expect version 1 alone (pytest keeps file order)."""
     from conftest import promote_into
 
     with SendingClients(served['port']) as clients:
-        assert promote_into(exported_candidate, served['base']).model_version == 2
+        assert promote_into(exported_candidate, served['base'], force_export=True).model_version == 2
         wait_for_status(served['url'], [('2', 'AVAILABLE'), ('1', 'AVAILABLE')])
         during_swap = len(clients.successes)
     assert clients.failures == []

@@ -314,3 +314,62 @@ def test_bad_retire_is_one_line_and_changes_nothing(serving_dir, argv, code, mes
     assert process.returncode == code
     assert message in process.stderr.splitlines()[-1] and 'Traceback' not in process.stderr
     assert listing(serving_dir) == ['1']
+
+
+# ------------------------------------------------------------------------------- promote.py: a gate for any model
+
+PROMOTE_PY = os.path.join(REPO, 'mnist_model', 'promote.py')
+
+
+def leaky_data(small_data_path, folder):
+    """The small data with its test split replaced by 10 images of its own training split (all ten digits)."""
+    import numpy as np
+
+    with np.load(small_data_path) as data:
+        arrays = {name: data[name] for name in data.files}
+    picks = [int(np.flatnonzero(arrays['y_train'] == digit)[0]) for digit in range(10)]
+    arrays['x_test'], arrays['y_test'] = arrays['x_train'][picks], arrays['y_train'][picks]
+    path = os.path.join(folder, 'leaky.npz')
+    np.savez(path, **arrays)
+    return path
+
+
+def test_promote_py_promotes_any_saved_model_through_the_same_gate(serving_dir, model_variants, small_data_path):
+    worse = run_script(PROMOTE_PY, model_variants['worse'], '--serving_dir', serving_dir, '--data', small_data_path)
+    assert worse.returncode == 0, worse.stderr
+    line, evidence_line, *table = worse.stdout.splitlines()
+    assert re.fullmatch(r'Not promoted: its test accuracy 0\.\d{4} is below 0\.\d{4} of version 1 .*; --force_export '
+                        r'exports it anyway\.', line)
+    assert re.fullmatch(r'  candidate 0\.\d{4}, version 1 0\.\d{4} on 1 000 test images, sha256 [0-9a-f]{8}: \d+ fixed, '
+                        r'\d+ broken, digit \d down 0\.\d{4} at most', evidence_line)
+    assert table[:2] == ['| digit | version 1 | candidate | change |', '|---|---|---|---|'] and len(table) == 13
+    better = run_script(PROMOTE_PY, model_variants['better'], '--serving_dir', serving_dir, '--data', small_data_path)
+    assert better.returncode == 0 and better.stdout.startswith('Promoted: version 2 ')
+    assert listing(serving_dir) == ['1', '2']
+
+
+@pytest.mark.parametrize('make_arguments, code, message', [
+    (lambda variants, tmp: [variants['better'], '--serving_dir', 'x'], 2, 'the following arguments are required: --data'),
+    (lambda variants, tmp: [variants['better'], '--serving_dir', 'x', '--data', 'd', '--max_digit_drop=2'], 2,
+     'argument --max_digit_drop: must be a fraction in [0, 1], got '),
+    (lambda variants, tmp: [str(tmp), '--serving_dir', 'x', '--data', 'd'], 1, 'not a SavedModel folder'),
+])
+def test_promote_py_errors_are_one_line(model_variants, tmp_path, make_arguments, code, message):
+    process = run_script(PROMOTE_PY, *make_arguments(model_variants, tmp_path), cwd=str(tmp_path))
+    assert process.returncode == code and 'Traceback' not in process.stderr
+    assert message in process.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(tmp_path / 'x')
+
+
+def test_a_test_split_leaked_from_training_is_refused_before_anything_is_judged(serving_dir, model_variants,
+                                                                              small_data_path, tmp_path):
+    leaky = leaky_data(small_data_path, str(tmp_path))
+    for script, arguments in ((PROMOTE_PY, [model_variants['worse'], '--serving_dir', serving_dir, '--data', leaky]),
+                              (MNIST_PY, ['--data', leaky, '--export_dir', serving_dir, '--log_dir', '', *TINY_FLAGS,
+                                          '--epoch=20'])):
+        process = run_script(script, *arguments)
+        assert process.returncode == 1 and 'Traceback' not in process.stderr
+        assert process.stderr.strip().splitlines()[-1].endswith(
+            f'{leaky}: 10 of 10 test images are exact copies of training images; a test split must hold images the '
+            f'model has not trained on')
+    assert listing(serving_dir) == ['1']
