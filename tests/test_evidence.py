@@ -12,8 +12,11 @@ import sys
 import numpy as np
 import pytest
 
+import evaluate
 import evidence
+import export
 import mnist
+import train
 from conftest import TINY_HPARAMS
 
 EXPORTED_CONTRACT = {
@@ -35,10 +38,10 @@ def small_data(small_data_path):
 def worse_candidate(tmp_path_factory, trained_steps):
     """A model trained on the same data for 20 steps instead of 300, exported: a real, worse model."""
     work = tmp_path_factory.mktemp('worse')
-    model = mnist.train(trained_steps['dataset.npz'], str(work / 'model'), **{**TINY_HPARAMS, 'epoch': 20})
-    mnist.evaluate(trained_steps['dataset.npz'], str(work / 'model'), str(work / 'metrics.json'),
+    model = train.train(trained_steps['dataset.npz'], str(work / 'model'), **{**TINY_HPARAMS, 'epoch': 20})
+    evaluate.evaluate(trained_steps['dataset.npz'], str(work / 'model'), str(work / 'metrics.json'),
                    str(work / 'kfp-metrics.json'), str(work / 'ui.json'), trained_model=model)
-    mnist.export(str(work / 'model'), str(work / 'metrics.json'), str(work / 'export'), trained_model=model)
+    export.export(str(work / 'model'), str(work / 'metrics.json'), str(work / 'export'), trained_model=model)
     return str(work / 'export')
 
 

@@ -25,17 +25,18 @@ KATIB_METRIC = re.compile(r'([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)')
 
 @pytest.fixture(scope='module')
 def cli_runs(tmp_path_factory, small_data_path):
-    """Two runs of the real command line into one export folder: from the repository root and from mnist_model/."""
+    """Two runs of the real command line into one export folder: from the repository root and from mnist_model/. The
+    same seed makes the same model, which the gate declines as identical: the second run is forced."""
     work = tmp_path_factory.mktemp('cli')
     export_dir, log_dir = str(work / 'models'), str(work / 'logs')
     common = ['--data', small_data_path, '--export_dir', export_dir, '--log_dir', log_dir, '--epoch=250']
     from_root = run_script('mnist_model/mnist.py', *DEMO_FLAGS, *common)
-    from_inside = run_script('mnist.py', *DEMO_FLAGS, *common, cwd=os.path.join(REPO, 'mnist_model'))
+    from_inside = run_script('mnist.py', *DEMO_FLAGS, *common, '--force_export', cwd=os.path.join(REPO, 'mnist_model'))
     return {'export_dir': export_dir, 'log_dir': log_dir, 'runs': [from_root, from_inside]}
 
 
 def test_cli_trains_and_prints_katib_metrics(cli_runs):
-    for process in cli_runs['runs']:
+    for process, decision in zip(cli_runs['runs'], ('Promoted: version 1', 'Forced: version 2')):
         assert process.returncode == 0, process.stderr
         assert 'Traceback' not in process.stderr
         metrics = [KATIB_METRIC.findall(line) for line in process.stdout.splitlines()]
@@ -46,7 +47,7 @@ def test_cli_trains_and_prints_katib_metrics(cli_runs):
         # 250 steps on 3000 examples already beat chance by far.
         assert 0.8 < named['accuracy'] <= 1.0 and 0.0 < named['loss'] < 1.0
         assert re.search(r'^step +200/250 ', process.stdout, re.MULTILINE)
-        assert 'Promoted: version' in process.stdout and 'TensorBoard logs' in process.stdout
+        assert decision in process.stdout and 'TensorBoard logs' in process.stdout
         assert 'warning' not in process.stderr
         # The last progress line and the summary name the same figure: the training time.
         progress = re.findall(r'^step +\d+/250 .*\(training ([0-9.]+) s\)$', process.stdout, re.MULTILINE)
@@ -65,8 +66,9 @@ def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
         with open(os.path.join(folder, 'assets.extra', 'run.json')) as file:
             record = json.load(file)
         assert record['model_version'] == int(version)
-        # The same seed gives the same accuracy: the second run ties the first, and a tie promotes.
-        assert record['promotion']['decision'] == 'promoted'
+        # The same seed gives the same model: the second run is identical, promoted by --force_export.
+        assert record['promotion']['decision'] == ('promoted' if version == '1' else 'forced')
+        assert record['promotion']['evidence']['identical_predictions'] is (None if version == '1' else True)
         assert record['promotion']['baseline_version'] == (None if version == '1' else 1)
         assert record['hyperparameters']['num_hidden_layer_1'] == 192
         assert record['hyperparameters']['epoch'] == 250
@@ -74,8 +76,9 @@ def test_cli_numbers_versions_and_writes_the_run_record(cli_runs):
         assert 0 < record['train_seconds'] < 300
         assert re.fullmatch(r'[0-9a-f]{64}', record['data_sha256'])
     stdout = cli_runs['runs'][1].stdout
-    assert re.search(r'^Promoted: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2; it replaces 0\.\d{4} of '
-                     r'version 1\.$', stdout, re.MULTILINE)
+    assert re.search(r'^Forced: version 2 \(test accuracy 0\.\d{4}\) exported to .*/2 without the promotion rule; it '
+                     r'replaces 0\.\d{4} of version 1 \(1 000 test images, sha256 [0-9a-f]{8}\); the rule would have '
+                     r'declined it: its predictions equal those of version 1 ', stdout, re.MULTILINE)
 
 
 def test_tensorboard_logs_have_scalars_images_and_hparams(cli_runs):

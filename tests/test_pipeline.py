@@ -77,7 +77,7 @@ def test_workflow_names_templates_and_dag(workflow):
     tasks = {task['name']: task for task in templates['mnist-image-classification-pipeline']['dag']['tasks']}
     assert {name: sorted(task.get('dependencies', [])) for name, task in tasks.items()} == {
         'load-data': [], 'train': ['load-data'], 'evaluate': ['load-data', 'train'], 'export': ['evaluate', 'train'],
-        'condition-deliver-1': ['export']}
+        'condition-deliver-1': ['export', 'load-data']}
     # Data travels as files (artifacts) between the steps; only the hyperparameters are parameters.
     artifacts = {name: {artifact['from'] for artifact in task['arguments'].get('artifacts', [])}
                  for name, task in tasks.items()}
@@ -86,7 +86,9 @@ def test_workflow_names_templates_and_dag(workflow):
                                      '{{tasks.train.outputs.artifacts.train-model}}'}
     assert artifacts['export'] == {'{{tasks.train.outputs.artifacts.train-model}}',
                                    '{{tasks.evaluate.outputs.artifacts.evaluate-metrics}}'}
-    assert artifacts['condition-deliver-1'] == {'{{tasks.export.outputs.artifacts.export-export_dir}}'}
+    # The gate measures on the run's own test split.
+    assert artifacts['condition-deliver-1'] == {'{{tasks.export.outputs.artifacts.export-export_dir}}',
+                                                '{{tasks.load-data.outputs.artifacts.load-data-dataset}}'}
     train_parameters = {parameter['name'] for parameter in tasks['train']['arguments']['parameters']}
     assert train_parameters == set(mnist.HYPERPARAMETER_DEFAULTS)
     assert tasks['load-data']['arguments']['parameters'] == [{'name': 'data_url',
@@ -270,7 +272,7 @@ def test_local_run_exports_a_loadable_model_that_scores_what_evaluate_reported(l
     paths = _printed_paths(local_run['stdout'])
     assert os.listdir(local_run['serving_dir']) == ['1']
     assert re.search(r'^\[promote\] Promoted: version 1 \(test accuracy 0\.\d{4}\) exported to .*/1, the first '
-                     r'version there\.$', local_run['stdout'], re.MULTILINE)
+                     r'version there \(1 000 test images, sha256 [0-9a-f]{8}\)\.$', local_run['stdout'], re.MULTILINE)
     with open(paths['metrics'], encoding='utf-8') as metrics_file:
         metrics = json.load(metrics_file)
     with np.load(small_data_path, allow_pickle=False) as data:
@@ -329,7 +331,8 @@ def test_a_second_local_run_with_a_worse_model_is_not_delivered_and_leaves_no_te
     assert worse['exit_code'] == 0, worse['stdout']
     assert os.listdir(local_run['serving_dir']) == ['1']
     (decision,) = [line for line in worse['stdout'].splitlines() if line.startswith('[promote] Not promoted: ')]
-    assert 'of version 1, which stays in service; --force_export exports it anyway.' in decision
+    assert re.search(r'of version 1 \(1 000 test images, sha256 [0-9a-f]{8}\); --force_export exports it anyway\.$',
+                     decision)
     assert _printed_paths(worse['stdout']) == {}
     assert re.search(rf'^Outputs were in the temporary folder {re.escape(str(temporary))}/mnist-pipeline-\w+, removed '
                      rf'now \(--keep_pipeline_root keeps it\)\.$', worse['stdout'], re.MULTILINE)
@@ -339,7 +342,9 @@ def test_a_second_local_run_with_a_worse_model_is_not_delivered_and_leaves_no_te
 def test_the_promote_step_reports_its_decision_as_metrics(local_run):
     with open(_printed_paths(local_run['stdout'])['promote_metrics'], encoding='utf-8') as metrics_file:
         metrics = {metric['name']: metric['numberValue'] for metric in json.load(metrics_file)['metrics']}
-    assert metrics == {'promoted': 1, 'model-version': 1}
+    # The first version: no served one to measure against, only the candidate's measured accuracy.
+    assert set(metrics) == {'promoted', 'model-version', 'candidate-accuracy'}
+    assert (metrics['promoted'], metrics['model-version']) == (1, 1) and 0.5 < metrics['candidate-accuracy'] <= 1
     for name in metrics:
         assert METRIC_NAME.match(name)
 

@@ -14,6 +14,7 @@ from conftest import REPO, TINY_HPARAMS, promote_into, run_script, set_recorded_
 
 MNIST_PY = os.path.join(REPO, 'mnist_model', 'mnist.py')
 TRIAL_PY = os.path.join(REPO, 'mnist_hyper_tuning.py')
+PROMOTE_PY = os.path.join(REPO, 'mnist_model', 'promote.py')
 TINY_FLAGS = [f'--{name}={value}' for name, value in TINY_HPARAMS.items() if name != 'epoch']
 
 
@@ -219,7 +220,7 @@ def test_a_version_that_cannot_be_loaded_is_not_a_baseline(serving_dir, model_va
     assert line.startswith('warning: version 2 is not a baseline (a server cannot serve it either): ')
 
 
-def test_a_model_that_breaks_the_serving_contract_is_declined(serving_dir, tmp_path):
+def test_a_model_that_breaks_the_serving_contract_is_declined(serving_dir, tmp_path, small_data_path):
     import tensorflow as tf
 
     # A model whose serving_default takes 100 numbers named x: a client of version 1 would get 400 from it.
@@ -228,9 +229,9 @@ def test_a_model_that_breaks_the_serving_contract_is_declined(serving_dir, tmp_p
                                           'probabilities': tf.fill([tf.shape(x)[0], 10], 0.1)},
                                input_signature=[tf.TensorSpec([None, 100], tf.float32, name='x')])
     tf.saved_model.save(module, str(tmp_path / 'other'), signatures={'serving_default': module.serve})
-    outputs = promote_into(str(tmp_path / 'other'), serving_dir)
-    assert not outputs.promoted
-    assert outputs.decision.startswith('Not promoted: it breaks the serving contract: ')
+    process = run_script(PROMOTE_PY, str(tmp_path / 'other'), '--serving_dir', serving_dir, '--data', small_data_path)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.startswith('Not promoted: it breaks the serving contract: signature serving_default: ')
     assert listing(serving_dir) == ['1']
 
 
@@ -318,7 +319,6 @@ def test_bad_retire_is_one_line_and_changes_nothing(serving_dir, argv, code, mes
 
 # ------------------------------------------------------------------------------- promote.py: a gate for any model
 
-PROMOTE_PY = os.path.join(REPO, 'mnist_model', 'promote.py')
 
 
 def leaky_data(small_data_path, folder):

@@ -144,7 +144,13 @@ def test_the_short_budget_pipeline_run_is_declined_and_the_served_version_stays(
     accuracy, baseline = f'{entry["accuracy"]:.4f}', f'{entry["baseline_accuracy"]:.4f}'
     # The console: the promote step's own line, then the demo's, both accuracies and the override flag in each.
     assert re.search(rf'^  \[pipeline\] \[promote\] Not promoted: its test accuracy {accuracy} is below {baseline} '
-                     rf'of version 1, which stays in service; --force_export exports it anyway\.$', text, re.MULTILINE)
+                     rf'of version 1 \(1 000 test images, sha256 [0-9a-f]{{8}}\); --force_export exports it anyway\.$',
+                     text, re.MULTILINE)
+    # Under it, the paired evidence; the report shows both models' accuracy per digit.
+    assert re.search(rf'^  \[pipeline\] \[promote\]   candidate {accuracy}, version 1 {baseline} on 1 000 test images',
+                     text, re.MULTILINE)
+    assert entry['per_digit']['columns'] == ['version 1', 'candidate', 'change'] and len(entry['per_digit']['rows']) == 11
+    assert 'Per digit, pipeline run (not promoted):' in page_text(page)
     assert (f'  [pipeline] declined: its model scored {accuracy}, below the {baseline} of version 1; version 1 is '
             f'still served. --force_export would have exported it anyway.') in text.splitlines()
     # The report: its headline counts it, a note says it in words, its row is marked.
