@@ -29,9 +29,13 @@ Serving contract of an exported version, <export_dir>/<version>/ (saved_model_cl
                                                   decoding), dark ink on light paper is inverted,
                                                   strokes thickened or thinned to MNIST's pen width
         outputs as serving_default
+    signature image_pixels (for the drift monitor: what predict_image classifies)
+        input   image_bytes    string  [-1]       as predict_image
+        output  pixels         float32 [-1, 784]  the image after predict_image's preprocessing, 0-255
     assets.extra/run.json: hyperparameters, test accuracy and loss, training seconds, TensorFlow version, data
                            checksum, the version and the promotion decision (the baseline version and accuracy it
                            beat, or "forced").
+    assets.extra/profile.json: the drift monitor's reference, what the model saw and said on the test set (drift.py).
 Scaling happens inside the model: clients send pixels as the images hold them and never divide by 255.
 """
 from __future__ import annotations
@@ -478,8 +482,15 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
         with open(path, 'w') as file:
             json.dump(content, file, indent=2)
 
+    # The drift monitor's reference (issue 25): what the model saw and said on these test digits; export writes it
+    # to assets.extra/profile.json. A KFP component of this step must carry drift.py beside this function.
+    try:
+        from drift import compute_profile
+    except ModuleNotFoundError:  # imported from the repository's top folder as mnist_model.mnist (the Katib trial)
+        from mnist_model.drift import compute_profile
     write_json(metrics_path, {'accuracy': accuracy, 'loss': loss, 'test_examples': len(y_test),
-                              'confusion_matrix': confusion.tolist()})
+                              'confusion_matrix': confusion.tolist(),
+                              'profile': compute_profile(x_test, probabilities)})
     write_json(mlpipeline_metrics_path, {'metrics': [
         {'name': 'accuracy', 'numberValue': round(100 * accuracy, 4), 'format': 'PERCENTAGE'},
         {'name': 'loss', 'numberValue': round(loss, 6), 'format': 'RAW'},
@@ -681,12 +692,16 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
         probabilities = model(pixels, training=False)
         return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
 
+    # What predict_image classifies; a signature of its own for the drift monitor (docs/monitoring.md).
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
+    def image_pixels(image_bytes):
+        # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
+        return {'pixels': tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
+                                    parallel_iterations=1)}
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
     def serve_image(image_bytes):
-        # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
-        pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
-                           parallel_iterations=1)
-        return serve_pixels(pixels)
+        return serve_pixels(image_pixels(image_bytes)['pixels'])
 
     # The module carries only the model's variables; the signatures are the two functions, traced once each. (As
     # tf.function attributes of the module they would be traced a second time when saved: 1.3 s more per export.)
@@ -694,8 +709,22 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
     serving.model = model
     tf.saved_model.save(serving, export_dir, signatures={
         'serving_default': serve_pixels.get_concrete_function(),
-        'predict_image': serve_image.get_concrete_function()})
+        'predict_image': serve_image.get_concrete_function(),
+        'image_pixels': image_pixels.get_concrete_function()})
     os.makedirs(os.path.join(export_dir, 'assets.extra'), exist_ok=True)
+    if 'profile' in metrics:
+        # The drift monitor's reference (drift.py, docs/monitoring.md): evaluate measured the raw pixels; what
+        # predict_image makes of test digits sent as PNG is measured here, where its preprocessing exists.
+        try:
+            from drift import complete_profile, write_profile
+        except ModuleNotFoundError:  # imported from the repository's top folder as mnist_model.mnist
+            from mnist_model.drift import complete_profile, write_profile
+
+        def classify_images(digits):
+            pixels = image_pixels(tf.stack([tf.io.encode_png(digit[..., None]) for digit in digits]))['pixels']
+            return pixels.numpy(), serve_pixels(pixels)['probabilities'].numpy()
+
+        write_profile(export_dir, complete_profile(metrics['profile'], classify_images))
     run_info = {'hyperparameters': train_info['hyperparameters'], 'accuracy': metrics['accuracy'],
                 'loss': metrics['loss'], 'test_examples': metrics['test_examples'],
                 'train_seconds': train_info['train_seconds'], 'tensorflow_version': tf.__version__,
