@@ -168,6 +168,7 @@ class DriftWatcher:
                                 sorted(self.seen.items())}
         state['versions_not_watched'] = {str(version): problem for version, problem in sorted(self.references.items())
                                          if isinstance(problem, str)}
+        state['queued_inputs'] = self.queued
         state['queued_inputs_dropped'] = self.dropped
         return state
 
