@@ -296,7 +296,7 @@ def serve(host, port, base_path, model_name, window):
     return 0
 
 
-def main(argv=None):
+def make_parser():
     parser = argparse.ArgumentParser(description='Receive KServe payload-logger CloudEvents and publish the drift '
                                                  'of the served model (docs/monitoring.md).')
     parser.add_argument('--port', type=int, default=8080, help='port for events and metrics (default: 8080)')
@@ -310,6 +310,11 @@ def main(argv=None):
                              '(default: mnist)')
     parser.add_argument('--drift_window', type=int, default=DEFAULT_WINDOW,
                         help=f'inputs in the sliding window, at least 20 (default: {DEFAULT_WINDOW})')
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f'--port must be 0-65535, got {args.port}')
