@@ -1,30 +1,34 @@
 """Drift of a served model: the reference profile of the data it was judged on, the tests, and a sliding window.
 
-A version's profile (assets.extra/profile.json, written by the export from what evaluate measured on the test set)
-holds, for each signal, what the model saw and said on its test digits:
+A version's profile (assets.extra/profile.json) has a section per signature, since the two classify different
+pixels: serving_default's from the raw test digits and the model's probabilities (evaluate: compute_profile), and
+predict_image's from 300 of those digits sent through it as PNG (export: complete_profile, where the preprocessing
+exists). Each section holds, for each signal, what the model saw and said:
 
-    digit        the predicted digit                  reference: the share of each digit       test: chi-square
+    digit        the predicted digit                  reference: its counts                    test: chi-square (2 x 10)
     confidence   the top-1 probability                reference: a sorted sample of 2 000      test: two-sample KS
     ink          mean pixel value / 255               of the pixels the model classified       test: two-sample KS
     height       rows holding ink (pixel > 127)       (after the signature's preprocessing)    test: two-sample KS
-    gray         share of the inked pixels (> 25) that are mid-gray (25 to 230): blur and noise   two-sample KS
-    slant        the second moment of the ink: how far its columns lean with its rows              two-sample KS
-    offset       distance in px of the ink's centre of mass from the centre (14, 14)               two-sample KS
+    gray         share of the visible pixels (> 25) that are mid-gray (25 to 230): blur, noise   two-sample KS
+    slant        the ink's row-column covariance over its row variance: how far it leans       two-sample KS
+    offset       distance in px of the ink's centre of mass from the centre (14, 14)            two-sample KS
 
-Each signal's score is -log10 of its test's p-value over the last `window` inputs (capped at 99): 4 means a
-difference as large as the window's would happen by chance once in 10 000 windows of the test data. An alert starts
-when a score reaches its threshold and ends when every score is back below END_FRACTION of its threshold. The
-thresholds, the window and the signals were chosen on measurement with bench/drift_bench.py (docs/monitoring.md).
+Each signal's score is -log10 of its test's p-value over the last `window` inputs of one version and signature
+(capped at 99): 5 means a difference as large as the window's would come by chance once in 100 000 windows of the
+test data. The scores are computed at every `step`-th input. A version's alert starts when a score reaches its
+threshold and ends when every score is back below END_FRACTION of its threshold. The thresholds, the window and the
+signals were chosen on measurement with bench/drift_bench.py (docs/monitoring.md).
 
 Only numpy and scipy here: the model server and the cluster's monitor process import this module, and the trainer's
 evaluate step calls compute_profile; none of it needs TensorFlow.
 
 Example:
-    profile = compute_profile(x_test, probabilities)              # in evaluate: 784 raw pixels, 10 probabilities
-    write_profile(export_dir, profile)                             # assets.extra/profile.json
+    profile = compute_profile(x_test, probabilities)    # in evaluate: rows of 784 raw pixels, of 10 probabilities
+    write_profile(export_dir, complete_profile(profile, classify_images))   # in export: assets.extra/profile.json
     monitor = DriftMonitor('mnist', on_alert=print)
-    monitor.observe(1, read_profile('mnist_model/1'), pixels, probabilities)
-    monitor.snapshot()                                             # {"versions": [{"version": 1, "alert": ...}]}
+    references = read_profile('mnist_model/1')
+    monitor.observe(1, 'serving_default', references['serving_default'], pixels, probabilities)
+    monitor.snapshot()                                   # {"versions": [{"version": 1, "alert": false, ...}]}
 """
 
 import json
@@ -38,7 +42,7 @@ PROFILE_FILE = os.path.join('assets.extra', 'profile.json')
 PROFILE_FORMAT = 1
 # Signals and the smallest score that starts an alert (-log10 of the p-value). Chosen on measurement
 # (bench/drift_bench.py, docs/monitoring.md): over 20 windows of clean test digits, raw or as PNG, looked at every 20
-# inputs, no score went above 3.1; the shifts of drift_shifts.py that hurt the model score 6 to 99.
+# inputs, no score went above 3.1; the shifts of drift_shifts.py that hurt the model score 6 to 99 within 100 inputs.
 THRESHOLDS = {'digit': 5.0, 'confidence': 5.0, 'ink': 5.0, 'height': 5.0, 'gray': 5.0, 'slant': 5.0, 'offset': 5.0}
 SIGNALS = tuple(THRESHOLDS)
 INPUT_SIGNALS = ('ink', 'height', 'gray', 'slant', 'offset')

@@ -15,6 +15,7 @@ Endpoints (NAME is --model_name, N an integer version; without /versions/N the l
     POST /v1/models/NAME[/versions/N]:predict     {"signature_name"?, "instances" | "inputs"} ->
                                                   {"predictions"} (row format) or {"outputs"} (columnar format)
     GET  <prometheus_config.path>                 Prometheus metrics, with --monitoring_config_file
+    GET  /monitoring/drift                        the drift monitor's scores and alerts (serving_drift.py)
     GET  / and /draw                              a page to draw a digit on and see what the model reads (draw.html)
 Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked (Transfer-Encoding: chunked).
 A predict with a small body is parsed, checked and answered in the event loop; concurrent predicts are merged
