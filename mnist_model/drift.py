@@ -110,15 +110,18 @@ def compute_section(pixels, probabilities, sample_size=REFERENCE_SAMPLE, seed=0)
     """One signature's reference (a JSON-ready dict) from what the model classified (rows of 784 pixels) and said
     (rows of 10 probabilities): the count of each predicted digit, and for each continuous signal a sorted random
     sample of sample_size values (6 significant digits)."""
-    statistics = {**input_statistics(pixels), **output_statistics(probabilities)}
-    count = len(statistics['digit'])
+    outputs = output_statistics(probabilities)
+    count = len(outputs['digit'])
     if count == 0:
         raise ValueError('a drift profile needs at least one test example')
     chosen = np.random.default_rng(seed).permutation(count)[:sample_size]
+    # Only the sampled rows' input signals are kept, so only theirs are computed (0.3 s for 10 000 rows).
+    statistics = {**input_statistics(np.asarray(pixels).reshape(count, -1)[chosen]),
+                  **{name: values[chosen] for name, values in outputs.items()}}
     return {
         'examples': int(count),
-        'digit_counts': np.bincount(statistics['digit'].astype(np.int64), minlength=10).tolist(),
-        'samples': {name: [float(f'{value:.6g}') for value in np.sort(statistics[name][chosen])]
+        'digit_counts': np.bincount(outputs['digit'].astype(np.int64), minlength=10).tolist(),
+        'samples': {name: [float(f'{value:.6g}') for value in np.sort(statistics[name])]
                     for name in SIGNALS if name != 'digit'},
     }
 
