@@ -427,30 +427,33 @@ class Demo:
         self.stage('drift')['commands'] = [f'curl {drift_url}']
         points, correct, alert_at, state = [], [0, 0], None, None
         calm_before_shift = True
-        for index, digit in enumerate(digits):
-            status, reply = http_json(url + ':predict', {'instances': [digit.reshape(784).tolist()]})
-            if status != 200:
-                raise StageFailed(f'the model server answered HTTP {status} to a predict')
-            correct[index >= DRIFT_CLEAN] += reply['predictions'][0]['digit'] == labels[index]
-            if (index + 1) % DRIFT_LOOK:
-                continue
-            state = self.drift_state(drift_url)
-            version = state['versions'][0]
-            scores = {name: signal['score'] for name, signal in
-                      version['signatures']['serving_default']['signals'].items()}
-            points.append({'sent': index + 1, 'scores': scores, 'alert': version['alert']})
-            if index + 1 == DRIFT_CLEAN and version['alert']:
-                calm_before_shift = False
-                self.echo('  [drift] an alert from earlier traffic is still on after the clean digits: the moment '
-                          'of a new one cannot be shown')
-            if version['alert'] and alert_at is None and index >= DRIFT_CLEAN and calm_before_shift:
-                alert_at = index + 1 - DRIFT_CLEAN
-                over = ', '.join(f'{name} {score:.1f}' for name, score in scores.items()
-                                 if score is not None and score >= version['signatures']['serving_default']
-                                 ['signals'][name]['threshold'])
-                self.echo(f'  [drift] alert after {alert_at} {DRIFT_SHIFT} digits: {over} over the threshold')
-            if alert_at is not None and index + 1 - DRIFT_CLEAN >= alert_at + DRIFT_AFTER_ALERT:
-                break
+        try:
+            for index, digit in enumerate(digits):
+                status, reply = http_json(url + ':predict', {'instances': [digit.reshape(784).tolist()]})
+                if status != 200:
+                    raise StageFailed(f'the model server answered HTTP {status} to a predict')
+                correct[index >= DRIFT_CLEAN] += reply['predictions'][0]['digit'] == labels[index]
+                if (index + 1) % DRIFT_LOOK:
+                    continue
+                state = self.drift_state(drift_url)
+                version = state['versions'][0]
+                scores = {name: signal['score'] for name, signal in
+                          version['signatures']['serving_default']['signals'].items()}
+                points.append({'sent': index + 1, 'scores': scores, 'alert': version['alert']})
+                if index + 1 == DRIFT_CLEAN and version['alert']:
+                    calm_before_shift = False
+                    self.echo('  [drift] an alert from earlier traffic is still on after the clean digits: the moment '
+                              'of a new one cannot be shown')
+                if version['alert'] and alert_at is None and index >= DRIFT_CLEAN and calm_before_shift:
+                    alert_at = index + 1 - DRIFT_CLEAN
+                    over = ', '.join(f'{name} {score:.1f}' for name, score in scores.items()
+                                     if score is not None and score >= version['signatures']['serving_default']
+                                     ['signals'][name]['threshold'])
+                    self.echo(f'  [drift] alert after {alert_at} {DRIFT_SHIFT} digits: {over} over the threshold')
+                if alert_at is not None and index + 1 - DRIFT_CLEAN >= alert_at + DRIFT_AFTER_ALERT:
+                    break
+        finally:
+            self.write_drift_log(points, state)
         shifted_sent = max(0, index + 1 - DRIFT_CLEAN)
         clean_scores = [score for point in points if point['sent'] <= DRIFT_CLEAN
                         for score in point['scores'].values() if score is not None]
@@ -471,6 +474,15 @@ class Demo:
             raise StageFailed(f'the drift monitor raised no alert for {shifted_sent} {DRIFT_SHIFT} digits')
         self.echo('  [drift] next: look at which signals moved (curl .../monitoring/drift), label a sample of these '
                   'requests, retrain with them (docs/monitoring.md)')
+
+    def write_drift_log(self, points, state):
+        """The drift stage's log: the scores at every look, and the monitor's last state as it answered it."""
+        with open(os.path.join(self.report_dir, self.stage('drift')['log']), 'w', encoding='utf-8') as log:
+            for point in points:
+                phase = 'clean' if point['sent'] <= DRIFT_CLEAN else DRIFT_SHIFT
+                scores = ' '.join(f'{name} {score:.2f}' for name, score in point['scores'].items() if score is not None)
+                log.write(f'after {point["sent"]} requests ({phase}): alert {point["alert"]}; {scores}\n')
+            log.write(f'GET /monitoring/drift at the end:\n{json.dumps(state, indent=1)}\n')
 
     def drift_state(self, drift_url):
         """GET /monitoring/drift once the monitor has processed every request sent."""
