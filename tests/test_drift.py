@@ -278,3 +278,52 @@ def test_monitor_command_line_errors_are_one_line(tmp_path):
     result = subprocess.run([PYTHON, os.path.join(REPO, 'mnist_model', 'model_server.py'), '--drift_window=5'],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'expected 0 (no drift monitor) or an integer >= 20' in result.stderr
+
+
+def test_monitor_reads_binary_and_structured_cloudevents_and_refuses_others():
+    import drift_monitor
+
+    headers = {name.lower(): value for name, value in kserve_event_headers('id-1', drift_monitor.REQUEST_TYPE).items()}
+    assert drift_monitor.read_event(headers, b'{"instances": []}') == ('id-1', drift_monitor.REQUEST_TYPE,
+                                                                      b'{"instances": []}')
+    structured = json.dumps({'specversion': '1.0', 'id': 'id-2', 'type': drift_monitor.RESPONSE_TYPE,
+                             'source': 'x', 'data': {'predictions': []}}).encode('utf-8')
+    event = drift_monitor.read_event({'content-type': 'application/cloudevents+json'}, structured)
+    assert event[:2] == ('id-2', drift_monitor.RESPONSE_TYPE) and json.loads(event[2]) == {'predictions': []}
+    for changed, message in (({'ce-type': 'dev.knative.other'}, 'is not org.kubeflow'),
+                             ({'ce-specversion': '0.3'}, 'not a CloudEvent 1.0'), ({'ce-id': ''}, 'has no id')):
+        with pytest.raises(drift_monitor.EventError, match=message):
+            drift_monitor.read_event({**headers, **changed}, b'{}')
+    # TF Serving's bodies in either format, as the logger passes them on.
+    assert drift_monitor.read_predict_body(b'{"inputs": {"pixels": [[1, 2]]}}')[1]['pixels'].shape == (1, 2)
+    signature, inputs = drift_monitor.read_predict_body(
+        b'{"signature_name": "predict_image", "instances": [{"image_bytes": {"b64": "iVBO"}}]}')
+    assert signature == 'predict_image' and inputs['image_bytes'][0] == base64.b64decode('iVBO')
+    reply = drift_monitor.read_reply_body(b'{"outputs": {"digit": [3], "probabilities": [[0.1, 0, 0, 0.9, 0, 0, 0, '
+                                          b'0, 0, 0]]}}')
+    assert reply['probabilities'].shape == (1, 10)
+
+
+def test_monitor_pairs_halves_in_either_order_and_counts_what_it_cannot_use(tmp_path):
+    import drift_monitor
+
+    (tmp_path / '3').mkdir()
+    (tmp_path / '3' / 'saved_model.pb').write_bytes(b'')
+    observed = []
+
+    class Watcher:
+        def observe(self, served, signature, inputs, outputs):
+            observed.append((served.version, signature, inputs['pixels'].shape, outputs['probabilities'].shape))
+
+    monitor = drift_monitor.EventMonitor(str(tmp_path), Watcher())
+    request = json.dumps({'instances': [[0] * 784, [255] * 784]}).encode('utf-8')
+    reply = json.dumps({'predictions': [{'digit': 0, 'probabilities': [1] + [0] * 9}] * 2}).encode('utf-8')
+    monitor.receive('b', drift_monitor.RESPONSE_TYPE, reply)          # the response may come first
+    monitor.receive('a', drift_monitor.REQUEST_TYPE, request)
+    monitor.receive('b', drift_monitor.REQUEST_TYPE, request)
+    monitor.receive('a', drift_monitor.RESPONSE_TYPE, reply)
+    monitor.receive('c', drift_monitor.REQUEST_TYPE, request)
+    monitor.receive('c', drift_monitor.RESPONSE_TYPE, b'{"predictions": [{"digit": 1}]}')
+    assert observed == [(3, 'serving_default', (2, 784), (2, 10))] * 2
+    assert monitor.counts['predict', 'observed'] == 2 and monitor.counts['predict', 'unreadable'] == 1
+    assert not monitor.pending
