@@ -358,6 +358,65 @@ def predict_image_section(answers):
             f'files, base64).</p><div class="digits">{"".join(tiles)}</div>')
 
 
+def drift_chart(points_json, thresholds_json, clean_sent, alert_after):
+    """A line per signal of the drift monitor's scores over the requests sent (the serving_default window), the
+    threshold dashed, the first shifted request and the alert marked; PNG bytes."""
+    import matplotlib
+    matplotlib.use('Agg')  # No screen: draw into memory.
+    import matplotlib.pyplot as plt
+
+    points, thresholds = json.loads(points_json), json.loads(thresholds_json)
+    figure, axes = plt.subplots(figsize=(7.5, 3.2), dpi=100)
+    sent = [point['sent'] for point in points]
+    for name in thresholds:
+        axes.plot(sent, [point['scores'][name] if point['scores'][name] is not None else float('nan')
+                         for point in points], marker='.', linewidth=1, label=name)
+    axes.axhline(min(thresholds.values()), color='tab:red', linestyle='--', linewidth=1, label='threshold')
+    axes.axvline(clean_sent, color='grey', linewidth=1)
+    axes.text(clean_sent, axes.get_ylim()[1], ' shifted digits from here', va='top', fontsize=8, color='grey')
+    if alert_after:
+        axes.axvline(clean_sent + alert_after, color='tab:red', linewidth=2)
+        axes.text(clean_sent + alert_after, axes.get_ylim()[1] * 0.8, ' alert', va='top', fontsize=8, color='tab:red')
+    axes.set_yscale('symlog', linthresh=10)
+    axes.set_xlabel('requests sent in this stage')
+    axes.set_ylabel('score (-log10 p)')
+    axes.set_title('Drift scores over the last window of inputs')
+    axes.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format='png')
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+@malformed_as_invalid
+def drift_section(drift):
+    """The drift stage: its chart, each signal's last score against its threshold, and what an operator does next;
+    every value escaped, a malformed one shown as invalid."""
+    if not drift:
+        return '<p class="note">Not run.</p>'
+    chart = png_image(drift_chart(json.dumps(drift['points']), json.dumps(drift['thresholds']), drift['clean_sent'],
+                                  drift['alert_after']), 'Drift scores over the requests')
+    last = drift['points'][-1]['scores']
+    rows = [[escape(name), number(last[name], '{:.2f}') if last[name] is not None else '',
+             number(drift['thresholds'][name], '{:g}')] for name in drift['thresholds']]
+    alert = (f'the alert started after <b>{integer(drift["alert_after"])}</b> of them' if drift['alert_after']
+             else '<b>no alert</b> started')
+    return (f'<p>{integer(drift["clean_sent"])} test digits in random order, then {integer(drift["shifted_sent"])} of '
+            f'them {escape(drift["shift"])} (turned by 25 to 45 degrees), one per request to '
+            f'<code>serving_default</code>: the served model answered {number(drift["clean_accuracy"], "{:.1%}")} of '
+            f'the clean ones right and {number(drift["shifted_accuracy"], "{:.1%}")} of the {escape(drift["shift"])} '
+            f'ones, while every serving metric stayed as it was; {alert}. Scores are -log10 of each test\'s p-value '
+            f'over the last {integer(drift["window"])} inputs, computed every {integer(drift["step"])}th input '
+            f'({code(drift["url"])}).</p>{chart}'
+            f'{table(["signal", "score at the end", "threshold"], rows)}'
+            '<p><b>What an operator does next:</b> look at which signals moved and for which clients; collect and '
+            'label a sample of the drifting requests; run the pipeline with a <code>data_url</code> that holds them; '
+            'the promotion rule serves the new version only if it is at least as good, and it brings its own profile '
+            '(docs/monitoring.md). On the cluster the same monitor runs beside the InferenceService, fed by KServe\'s '
+            'payload logger, and the PrometheusRule <code>MnistModelDrift</code> fires.</p>')
+
+
 @malformed_as_invalid
 def headline(summary):
     stages = summary['stages']
@@ -390,6 +449,7 @@ def render(summary):
         tuning=tuning_section(summary.get('tuning')), served=served_section(summary.get('served')),
         notebook=notebook_section(summary.get('notebook')),
         predict_image=predict_image_section(summary.get('predict_image')),
+        drift=drift_section(summary.get('drift')),
         tensorboard=code(f'tensorboard --logdir {os.path.join(str(summary.get("report_dir")), "tensorboard")}'))
 
 

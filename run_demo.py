@@ -5,7 +5,8 @@ train (the notebook's first `python3 mnist.py`) -> pipeline (the weekly pipeline
 the training steps: compiled, run with kfp's LocalClient and delivered under the promotion rule, which declines its
 worse model and keeps the served version) -> tune (the local tuner) -> retrain (with the best trial's values: served
 only if better) -> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless,
-and the ten test PNGs sent to predict_image) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
+and the ten test PNGs sent to predict_image) -> drift (clean, then rotated test digits sent one by one: the drift
+monitor's scores and the moment its alert starts) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
 report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
 
     python3 run_demo.py                  # the whole demo on the full data: about 2 minutes on 2 cores
@@ -64,8 +65,15 @@ STAGES = (
      "| kubectl apply -n <namespace> -f -"),
     ('notebook', 'Ask the model from the notebook',
      'open model_serve.ipynb in the Kubeflow notebook, set URL to the InferenceService\'s :predict URL, run all'),
+    ('drift', 'Watch the served model for drift',
+     "sed 's/<notebook-pvc>/<notebook pvc>/; s|<registry>|<registry>|' mnist_model/drift-monitor.yaml | kubectl apply "
+     "-n <namespace> -f -   # and uncomment the logger block of mnist_model/kserve-inferenceservice.yaml"),
     ('stop', 'Stop serving', 'kubectl delete inferenceservice mnist-model-server -n <namespace>'),
 )
+# The drift stage: clean test digits, then digits turned by 25-45 degrees (mnist_model/drift_shifts.py), one per
+# request; the monitor's scores are read every DRIFT_LOOK requests, and the stage stops DRIFT_AFTER_ALERT requests
+# after the alert started (docs/monitoring.md).
+DRIFT_SHIFT, DRIFT_CLEAN, DRIFT_SHIFTED, DRIFT_LOOK, DRIFT_AFTER_ALERT = 'rotated', 300, 300, 25, 50
 # Longest silence before a "still running" line: a little over the tuner's own 10 s, so that its progress lines
 # are not doubled by ours.
 QUIET_SECONDS = 11
@@ -371,6 +379,10 @@ class Demo:
 
         with np.load(self.test_data, allow_pickle=False) as data:
             images, labels = data['x_test'].reshape(-1, 784), data['y_test'].astype(np.int64)
+        # In random order, as users would send them: MNIST's test file holds one group of writers after another,
+        # and the drift monitor would rightly see the last 200 of them as unlike the test set as a whole.
+        order = np.random.default_rng(0).permutation(len(labels))
+        images, labels = images[order], labels[order]
         predictions = []
         for start in range(0, len(images), 1000):
             status, reply = http_json(url + ':predict', {'instances': images[start:start + 1000].tolist()})
@@ -423,6 +435,88 @@ class Demo:
         self.echo(f'  [notebook] predict_image: {right} of 10 test PNGs recognised: '
                   f'{[answer["digit"] for answer in self.summary["predict_image"]]}')
 
+    def drift(self):
+        """Send clean test digits and then rotated ones to the running server, one per request as users do, and
+        follow the drift monitor's scores (GET /monitoring/drift) until its alert starts."""
+        from drift_shifts import apply_shift
+
+        url = self.summary['served']['url']
+        drift_url = url.split('/v1/')[0] + '/monitoring/drift'
+        with np.load(self.test_data, allow_pickle=False) as data:
+            order = np.random.default_rng(0).permutation(len(data['y_test']))[:DRIFT_CLEAN + DRIFT_SHIFTED]
+            digits, labels = data['x_test'][order], data['y_test'][order]
+        digits[DRIFT_CLEAN:] = apply_shift(DRIFT_SHIFT, digits[DRIFT_CLEAN:], seed=0)
+        self.stage('drift')['commands'] = [f'curl {drift_url}']
+        points, correct, alert_at, state = [], [0, 0], None, None
+        calm_before_shift = True
+        try:
+            for index, digit in enumerate(digits):
+                status, reply = http_json(url + ':predict', {'instances': [digit.reshape(784).tolist()]})
+                if status != 200:
+                    raise StageFailed(f'the model server answered HTTP {status} to a predict')
+                correct[index >= DRIFT_CLEAN] += reply['predictions'][0]['digit'] == labels[index]
+                if (index + 1) % DRIFT_LOOK:
+                    continue
+                state = self.drift_state(drift_url)
+                version = state['versions'][0]
+                scores = {name: signal['score'] for name, signal in
+                          version['signatures']['serving_default']['signals'].items()}
+                points.append({'sent': index + 1, 'scores': scores, 'alert': version['alert']})
+                if index + 1 == DRIFT_CLEAN and version['alert']:
+                    calm_before_shift = False
+                    self.echo('  [drift] an alert from earlier traffic is still on after the clean digits: the moment '
+                              'of a new one cannot be shown')
+                if version['alert'] and alert_at is None and index >= DRIFT_CLEAN and calm_before_shift:
+                    alert_at = index + 1 - DRIFT_CLEAN
+                    over = ', '.join(f'{name} {score:.1f}' for name, score in scores.items()
+                                     if score is not None and score >= version['signatures']['serving_default']
+                                     ['signals'][name]['threshold'])
+                    self.echo(f'  [drift] alert after {alert_at} {DRIFT_SHIFT} digits: {over} over the threshold')
+                if alert_at is not None and index + 1 - DRIFT_CLEAN >= alert_at + DRIFT_AFTER_ALERT:
+                    break
+        finally:
+            self.write_drift_log(points, state)
+        shifted_sent = max(0, index + 1 - DRIFT_CLEAN)
+        clean_scores = [score for point in points if point['sent'] <= DRIFT_CLEAN
+                        for score in point['scores'].values() if score is not None]
+        self.summary['drift'] = {
+            'shift': DRIFT_SHIFT, 'clean_sent': DRIFT_CLEAN, 'shifted_sent': shifted_sent,
+            'window': state['window'], 'step': state['step'], 'points': points, 'alert_after': alert_at,
+            'clean_accuracy': correct[0] / DRIFT_CLEAN, 'shifted_accuracy': correct[1] / max(1, shifted_sent),
+            'thresholds': {name: signal['threshold'] for name, signal in
+                           state['versions'][0]['signatures']['serving_default']['signals'].items()},
+            'url': drift_url}
+        self.echo(f'  [drift] {DRIFT_CLEAN} clean test digits: highest score {max(clean_scores, default=0):.1f}, '
+                  f'accuracy {correct[0] / DRIFT_CLEAN:.3f}; {shifted_sent} {DRIFT_SHIFT} ones: accuracy '
+                  f'{correct[1] / max(1, shifted_sent):.3f}, alert '
+                  f'{"after " + str(alert_at) if alert_at else "not started"}')
+        if not calm_before_shift:
+            raise StageFailed(f'an alert from earlier traffic was still on after {DRIFT_CLEAN} clean digits')
+        if alert_at is None:
+            raise StageFailed(f'the drift monitor raised no alert for {shifted_sent} {DRIFT_SHIFT} digits')
+        self.echo('  [drift] next: look at which signals moved (curl .../monitoring/drift), label a sample of these '
+                  'requests, retrain with them (docs/monitoring.md)')
+
+    def write_drift_log(self, points, state):
+        """The drift stage's log: the scores at every look, and the monitor's last state as it answered it."""
+        with open(os.path.join(self.report_dir, self.stage('drift')['log']), 'w', encoding='utf-8') as log:
+            for point in points:
+                phase = 'clean' if point['sent'] <= DRIFT_CLEAN else DRIFT_SHIFT
+                scores = ' '.join(f'{name} {score:.2f}' for name, score in point['scores'].items() if score is not None)
+                log.write(f'after {point["sent"]} requests ({phase}): alert {point["alert"]}; {scores}\n')
+            log.write(f'GET /monitoring/drift at the end:\n{json.dumps(state, indent=1)}\n')
+
+    def drift_state(self, drift_url):
+        """GET /monitoring/drift once the monitor has processed every request sent."""
+        for _ in range(100):
+            status, state = http_json(drift_url)
+            if status != 200:
+                raise StageFailed(f'GET /monitoring/drift answered HTTP {status}')
+            if state['queued_inputs'] == 0 and state['versions']:
+                return state
+            time.sleep(0.02)
+        raise StageFailed('the drift monitor did not catch up within 2 s')
+
     def stop(self, keep_serving):
         stage = self.stage('stop')
         with open(os.path.join(self.report_dir, stage['log']), 'w', encoding='utf-8') as log:
@@ -461,7 +555,7 @@ class Demo:
         self.prepare_data()
         steps = [('train', self.train), ('pipeline', self.pipeline), ('tune', self.tune),
                  ('retrain', self.retrain), ('serve', self.serve), ('notebook', self.notebook),
-                 ('stop', lambda: self.stop(keep_serving))]
+                 ('drift', self.drift), ('stop', lambda: self.stop(keep_serving))]
         code = 0
         for name, step in steps:
             stage = self.stage(name)

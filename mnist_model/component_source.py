@@ -20,8 +20,8 @@ MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 STEP_MODULES = {
     'load-data': ('evidence', 'load_data'),
     'train': ('train',),
-    'evaluate': ('evaluate',),
-    'export': ('export',),
+    'evaluate': ('drift', 'evaluate'),
+    'export': ('drift', 'export'),
     'promote': ('serving_folder', 'evidence', 'promote'),
 }
 # The function that registers one embedded module; its name marks the embedded texts for the tests that read them.

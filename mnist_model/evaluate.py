@@ -1,6 +1,7 @@
 """The third step: measure the trained model's test accuracy and loss, and show them on the KFP run page.
 
-evaluate() writes the results with the confusion matrix as JSON for the export step, and as KFP v1 run metrics
+evaluate() writes the results with the confusion matrix and the drift monitor's reference profile as JSON for the
+export step, and as KFP v1 run metrics
 (mlpipeline_metrics) and UI metadata (a confusion matrix and a markdown summary). The KFP components embed this
 module's source verbatim (mnist_pipeline.py, mnist_pipeline_v2.py).
 
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import keras
 import numpy as np
+
+import drift
 
 if TYPE_CHECKING:
     # As in load_data.py: the kfp annotations stay strings at run time.
@@ -81,9 +84,13 @@ def evaluate(dataset_path: InputPath('npz'), model_path: InputPath('Model'), met
              else keras.models.load_model(os.path.join(model_path, 'model.keras')))
     with open(os.path.join(model_path, 'train.json')) as file:
         train_info = json.load(file)
-    accuracy, loss, confusion = measure(predict(model, x_test), y_test)
+    probabilities = predict(model, x_test)
+    accuracy, loss, confusion = measure(probabilities, y_test)
+    # The drift monitor's reference (drift.py, docs/monitoring.md): what the model saw and said on these test digits;
+    # export writes it to assets.extra/profile.json.
     write_json(metrics_path, {'accuracy': accuracy, 'loss': loss, 'test_examples': len(y_test),
-                              'confusion_matrix': confusion.tolist()})
+                              'confusion_matrix': confusion.tolist(),
+                              'profile': drift.compute_profile(x_test, probabilities)})
     run_metrics, ui_metadata = run_page_outputs(accuracy, loss, confusion, train_info['hyperparameters'],
                                                 len(y_test))
     write_json(mlpipeline_metrics_path, run_metrics)

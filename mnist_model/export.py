@@ -12,8 +12,12 @@ version (saved_model_cli show --all lists it):
                                                   decoding), dark ink on light paper is inverted, strokes thickened
                                                   or thinned to MNIST's pen width
         outputs as serving_default
+    signature image_pixels (for the drift monitor: what predict_image classifies)
+        input   image_bytes    string  [-1]       as predict_image
+        output  pixels         float32 [-1, 784]  the image after predict_image's preprocessing, 0-255
     assets.extra/run.json: hyperparameters, test accuracy and loss, training seconds, TensorFlow version, data
-                           checksum; promote adds the version and the promotion decision.
+                           checksum; promote adds the version and the promotion decision with its evidence.
+    assets.extra/profile.json: the drift monitor's reference, what the model saw and said on the test set (drift.py).
 Scaling happens inside the model: clients send pixels as the images hold them and never divide by 255. The image
 functions below are TensorFlow ops with explicit tf.cond and tf.while_loop, so they are traced without AutoGraph:
 converting them took most of an export's time. The KFP components embed this module's source verbatim.
@@ -28,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import keras
 import tensorflow as tf
+
+import drift
 
 if TYPE_CHECKING:
     # As in load_data.py: the kfp annotations stay strings at run time.
@@ -211,15 +217,31 @@ def serving_signatures(model):
         probabilities = model(pixels, training=False)
         return {'probabilities': probabilities, 'digit': tf.argmax(probabilities, axis=1, output_type=tf.int64)}
 
+    # What predict_image classifies; a signature of its own for the drift monitor (docs/monitoring.md).
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
+    def image_pixels(image_bytes):
+        # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
+        return {'pixels': tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
+                                    parallel_iterations=1)}
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')], autograph=False)
     def serve_image(image_bytes):
-        # One image at a time (map_fn runs 10 at once in a graph): a batch of large images costs the memory of one.
-        pixels = tf.map_fn(to_mnist_pixels, image_bytes, fn_output_signature=tf.TensorSpec([784], tf.float32),
-                           parallel_iterations=1)
-        return serve_pixels(pixels)
+        return serve_pixels(image_pixels(image_bytes)['pixels'])
 
     return {'serving_default': serve_pixels.get_concrete_function(),
-            'predict_image': serve_image.get_concrete_function()}
+            'predict_image': serve_image.get_concrete_function(),
+            'image_pixels': image_pixels.get_concrete_function()}
+
+
+def write_drift_profile(export_dir, profile, signatures):
+    """assets.extra/profile.json, the drift monitor's reference (drift.py, docs/monitoring.md): evaluate measured the
+    raw pixels; what predict_image makes of test digits sent as PNG is measured here, where its preprocessing is."""
+    def classify_images(digits):
+        pixels = signatures['image_pixels'](tf.stack([tf.io.encode_png(digit[..., None]) for digit in digits]))
+        pixels = pixels['pixels']
+        return pixels.numpy(), signatures['serving_default'](pixels)['probabilities'].numpy()
+
+    drift.write_profile(export_dir, drift.complete_profile(profile, classify_images))
 
 
 def write_run_record(export_dir, train_info, metrics):
@@ -249,5 +271,8 @@ def export(model_path: InputPath('Model'), metrics_path: InputPath('JSON'), expo
     # tf.function attributes of the module they would be traced a second time when saved: 1.3 s more per export.)
     serving = tf.Module()
     serving.model = model
-    tf.saved_model.save(serving, export_dir, signatures=serving_signatures(model))
+    signatures = serving_signatures(model)
+    tf.saved_model.save(serving, export_dir, signatures=signatures)
+    if 'profile' in metrics:
+        write_drift_profile(export_dir, metrics['profile'], signatures)
     write_run_record(export_dir, train_info, metrics)

@@ -21,7 +21,8 @@ Meaning of the hyperparameters (the demo's names):
     --epoch                                     number of training STEPS (mini-batches), not passes over the data
 
 Serving contract of an exported version, <export_dir>/<version>/: export.py's docstring (signatures serving_default,
-taking 784 raw pixels 0-255, and predict_image, taking PNG or JPEG bytes; outputs probabilities and digit).
+taking 784 raw pixels 0-255, and predict_image, taking PNG or JPEG bytes; outputs probabilities and digit; and
+image_pixels, what predict_image classifies, for the drift monitor).
 """
 import argparse
 import json

@@ -15,6 +15,7 @@ Endpoints (NAME is --model_name, N an integer version; without /versions/N the l
     POST /v1/models/NAME[/versions/N]:predict     {"signature_name"?, "instances" | "inputs"} ->
                                                   {"predictions"} (row format) or {"outputs"} (columnar format)
     GET  <prometheus_config.path>                 Prometheus metrics, with --monitoring_config_file
+    GET  /monitoring/drift                        the drift monitor's scores and alerts (serving_drift.py)
     GET  / and /draw                              a page to draw a digit on and see what the model reads (draw.html)
 Request bodies may be gzip-compressed (Content-Encoding: gzip) and sent chunked (Transfer-Encoding: chunked).
 A predict with a small body is parsed, checked and answered in the event loop; concurrent predicts are merged
@@ -100,6 +101,7 @@ class ServerSettings(typing.NamedTuple):
     max_load_retries: int = 5
     load_retry_seconds: float = 60.0
     limits: HttpLimits = HttpLimits()                   # connections, timeouts and the shutdown grace
+    drift_window: int = 200                             # inputs in the drift monitor's window; 0: no monitor
 
 
 def gunzip(data, limit):
@@ -273,6 +275,7 @@ class RestApp:
         # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
         # GET.
         self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
+        self.drift = None  # serving_drift.DriftWatcher, with --drift_window > 0
 
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http':
@@ -379,6 +382,8 @@ class RestApp:
         served, request = predict
         try:
             outputs = await self.runner.run(served, request.signature_name, request.arrays, alone)
+            if self.drift is not None:
+                self.drift.observe(served, request.signature_name, request.arrays, outputs)
             if sum(array.size for array in outputs.values()) <= INLINE_REPLY_VALUES:
                 exchange.payload = encode_predict_reply(outputs, request.row_format)
             else:
@@ -499,6 +504,13 @@ def serve(settings):
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
         app.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), [])
+    if settings.drift_window:
+        from serving_drift import DRIFT_PAGE, DriftWatcher
+        app.drift = DriftWatcher(settings.model_name, settings.drift_window, lambda: {
+            served.version for served in repository.loaded if served is not None})
+        app.pages[DRIFT_PAGE] = app.drift.page
+        if metrics is not None:
+            metrics.registry.register(app.drift.collector())
     import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
     repository.refresh(load_standby=False)
     try:
@@ -532,6 +544,8 @@ def serve(settings):
     serve_app(app, sock, settings.limits, on_bad_request=app.record_refused, on_stopping=stopping)
     repository.stop()
     runner.close()
+    if app.drift is not None:
+        app.drift.close()
     pool.shutdown(wait=True, cancel_futures=True)
     if poller is not None:
         poller.join(timeout=5)
@@ -630,6 +644,12 @@ def non_negative_int(text):
     return int(text)
 
 
+def drift_window(text):
+    if not text.isascii() or not text.isdigit() or 0 < int(text) < 20:
+        raise argparse.ArgumentTypeError(f'expected 0 (no drift monitor) or an integer >= 20, got {text!r}')
+    return int(text)
+
+
 def boolean(text):
     """TF Serving's boolean flags: --flag, --flag=true or --flag=false."""
     if text.lower() in ('true', '1'):
@@ -653,7 +673,8 @@ def read_settings(args):
                         shutdown_grace_seconds=args.shutdown_grace_seconds)
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
                           args.file_system_poll_wait_seconds, args.max_request_bytes, args.access_log, metrics_path,
-                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits)
+                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits,
+                          drift_window=args.drift_window)
 
 
 def main(argv=None):
@@ -702,6 +723,9 @@ def main(argv=None):
     parser.add_argument('--monitoring_config_file', default='',
                         help='TF Serving MonitoringConfig text file, e.g. prometheus_config { enable: true, '
                              'path: "/monitoring/prometheus/metrics" } (default: no metrics)')
+    parser.add_argument('--drift_window', type=drift_window, default=200,
+                        help='inputs (images) in the drift monitor\'s sliding window, at least 20; 0 turns the '
+                             'monitor off (default: 200; see docs/monitoring.md)')
     parser.add_argument('--access_log', type=boolean, nargs='?', const=True, default=False,
                         help='write one line per request to stderr (default: false)')
     args = parser.parse_args(argv)

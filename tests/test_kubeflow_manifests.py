@@ -254,3 +254,166 @@ def test_header_commands_fill_every_placeholder_and_are_documented():
     kinds = {document['kind']: document for document in documents}
     assert kinds['Profile']['spec']['owner'] == {'kind': 'User', 'name': 'you@example.com'}
     assert PINNED_IMAGE.fullmatch(kinds['Notebook']['spec']['template']['spec']['containers'][0]['image'])
+
+
+# ------------------------------------------------------------------------- the drift monitor's manifests (issue 25)
+# mnist_model/drift-monitor.yaml (Deployment, Service), drift-prometheus.yaml (prometheus-operator's ServiceMonitor and
+# PrometheusRule) and the logger block of kserve-inferenceservice.yaml, checked against the fields and rules of
+# apps/v1, v1, monitoring.coreos.com/v1 and KServe's v1beta1 LoggerSpec, and against what drift_monitor.py serves.
+DRIFT_MONITOR = 'mnist_model/drift-monitor.yaml'
+DRIFT_PROMETHEUS = 'mnist_model/drift-prometheus.yaml'
+# prometheus-operator's duration pattern (monitoring.coreos.com/v1 Duration).
+PROMETHEUS_DURATION = re.compile(r'^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?'
+                                 r'(([0-9]+)ms)?)$')
+# KServe v1beta1 LoggerSpec: url, mode (enum), metadataHeaders, metadataAnnotations.
+LOGGER_FIELDS = {'url', 'mode', 'metadataHeaders', 'metadataAnnotations'}
+
+
+def filled_documents(path):
+    """The manifest's documents after its header's sed command, run as documented (up to kubectl)."""
+    [command] = [command for command in header_commands(path) if '| kubectl apply' in command]
+    assert command in open(os.path.join(REPO, 'docs', 'monitoring.md')).read(), f'docs/monitoring.md lacks {command}'
+    process = subprocess.run(command.split('| kubectl apply')[0], shell=True, cwd=REPO, capture_output=True,
+                             text=True, timeout=30)
+    assert process.returncode == 0, process.stderr
+    assert '<' not in process.stdout.replace('{{', '').split('annotations:')[0], 'a placeholder is left'
+    return list(yaml.safe_load_all(process.stdout))
+
+
+def drift_monitor_errors(documents):
+    """What the API server refuses in the Deployment and Service, or what would leave them unconnected."""
+    import drift_monitor
+
+    errors = [error for document in documents for error in metadata_errors(document)]
+    kinds = {(document['apiVersion'], document['kind']): document for document in documents}
+    if set(kinds) != {('apps/v1', 'Deployment'), ('v1', 'Service')}:
+        return errors + [f'expected a Deployment and a Service, got {sorted(kinds)}']
+    deployment, service = kinds['apps/v1', 'Deployment'], kinds['v1', 'Service']
+    template = deployment['spec']['template']
+    selector = deployment['spec']['selector']['matchLabels']
+    pod_labels = template['metadata']['labels']
+    if any(pod_labels.get(key) != value for key, value in selector.items()):
+        errors.append('the Deployment selector does not match its pod template')
+    pod_spec = template['spec']
+    errors += pod_spec_errors(pod_spec, pod_spec['containers'][0]['name'])
+    [container] = pod_spec['containers']
+    ports = {port['name']: port['containerPort'] for port in container.get('ports', [])}
+    for probe in ('readinessProbe', 'livenessProbe'):
+        if container[probe]['httpGet']['port'] not in ports or container[probe]['httpGet']['path'] != '/healthz':
+            errors.append(f'{probe} does not ask the monitor\'s /healthz on a named port')
+    try:
+        flags = drift_monitor.make_parser().parse_args(container['args'])
+    except SystemExit:
+        return errors + [f'drift_monitor.py refuses the args {container["args"]}']
+    if flags.port not in ports.values() or flags.host != '0.0.0.0':
+        errors.append('the monitor does not listen on the container port on every interface')
+    mounts = {mount['mountPath']: mount for mount in container['volumeMounts']}
+    if flags.model_base_path not in mounts:
+        errors.append('--model_base_path is not a mounted volume')
+    if any(pod_labels.get(key) != value for key, value in service['spec']['selector'].items()):
+        errors.append('the Service selects no pod of the Deployment')
+    for port in service['spec']['ports']:
+        if port['targetPort'] not in ports:
+            errors.append(f'Service port {port["name"]} targets no container port')
+    return errors
+
+
+def test_drift_monitor_manifest_passes_the_cluster_rules():
+    documents = filled_documents(DRIFT_MONITOR)
+    assert drift_monitor_errors(documents) == []
+    deployment = documents[0]
+    assert deployment['spec']['replicas'] == 1      # the windows live in one process's memory
+    assert PINNED_IMAGE.fullmatch(deployment['spec']['template']['spec']['containers'][0]['image'])
+    # The same serving folder as the InferenceService's storageUri, read-only.
+    isvc = yaml.safe_load(open(os.path.join(REPO, 'mnist_model', 'kserve-inferenceservice.yaml')))
+    claim, folder = isvc['spec']['predictor']['tensorflow']['storageUri'].removeprefix('pvc://').split('/', 1)
+    volume = deployment['spec']['template']['spec']['volumes'][0]['persistentVolumeClaim']
+    mount = deployment['spec']['template']['spec']['containers'][0]['volumeMounts'][0]
+    assert claim == '<notebook-pvc>' and volume['readOnly'] and mount['readOnly'] and mount['subPath'] == folder
+
+
+@pytest.mark.parametrize('change, expected', [
+    (lambda kinds: kinds['Service']['spec']['selector'].update(app='mnist-monitor'), 'selects no pod'),
+    (lambda kinds: kinds['Deployment']['spec']['template']['spec']['containers'][0].update(
+        args=['--port=8080', '--window=5']), 'refuses the args'),
+    (lambda kinds: kinds['Deployment']['spec']['template']['spec']['containers'][0].update(
+        args=['--host=0.0.0.0', '--port=9090', '--model_base_path=/mnt/models']), 'container port'),
+    (lambda kinds: kinds['Service']['spec']['ports'][0].update(targetPort='metrics'), 'targets no container port'),
+])
+def test_drift_monitor_check_catches_what_would_not_work(change, expected):
+    documents = filled_documents(DRIFT_MONITOR)
+    change({document['kind']: document for document in documents})
+    assert any(expected in error for error in drift_monitor_errors(documents)), drift_monitor_errors(documents)
+
+
+def prometheus_errors(documents, monitor_documents, exported):
+    """The monitoring.coreos.com/v1 schema of the ServiceMonitor and PrometheusRule (required fields, types,
+    durations) and whether they reach the monitor's Service and name metrics it exports."""
+    errors = [error for document in documents for error in metadata_errors(document)]
+    kinds = {document['kind']: document for document in documents}
+    if set(kinds) != {'ServiceMonitor', 'PrometheusRule'} or any(
+            document['apiVersion'] != 'monitoring.coreos.com/v1' for document in documents):
+        return errors + ['expected a monitoring.coreos.com/v1 ServiceMonitor and PrometheusRule']
+    service = next(document for document in monitor_documents if document['kind'] == 'Service')
+    monitor = kinds['ServiceMonitor']['spec']
+    if any(service['metadata']['labels'].get(key) != value for key, value in monitor['selector']['matchLabels'].items()):
+        errors.append('the ServiceMonitor selects no label of the monitor\'s Service')
+    for endpoint in monitor['endpoints']:
+        if endpoint['port'] not in {port['name'] for port in service['spec']['ports']} or endpoint['path'] != '/metrics':
+            errors.append('a ServiceMonitor endpoint is not the Service\'s port and /metrics')
+        if not PROMETHEUS_DURATION.match(endpoint.get('interval', '')):
+            errors.append(f'interval {endpoint.get("interval")!r} is not a duration')
+    groups = kinds['PrometheusRule']['spec']['groups']
+    if len({group['name'] for group in groups}) != len(groups):
+        errors.append('rule group names repeat')
+    for rule in (rule for group in groups for rule in group['rules']):
+        if ('alert' in rule) == ('record' in rule) or not isinstance(rule.get('expr'), str) or not rule['expr']:
+            errors.append(f'rule {rule.get("alert")}: exactly one of alert and record, and an expr, are required')
+            continue
+        if not PROMETHEUS_DURATION.match(str(rule.get('for', '0'))):
+            errors.append(f'rule {rule["alert"]}: for {rule["for"]!r} is not a duration')
+        for field in ('labels', 'annotations'):
+            if any(not isinstance(key, str) or not isinstance(value, str) for key, value in rule.get(field, {}).items()):
+                errors.append(f'rule {rule.get("alert")}: {field} must map strings to strings')
+        for name in re.findall(r'\b(model_drift_\w+)\{', rule['expr']):
+            if name not in exported:
+                errors.append(f'rule {rule.get("alert")}: the monitor exports no {name}')
+    return errors
+
+
+def exported_metric_names():
+    """The sample names drift_monitor.py's /metrics carries (its drift collector, asked in this process)."""
+    import serving_drift
+
+    watcher = serving_drift.DriftWatcher('mnist-model-server', loaded_versions=set)
+    try:
+        return {sample.name for family in watcher.collector().collect() for sample in family.samples} | {
+            'model_drift_score', 'model_drift_alert'}
+    finally:
+        watcher.close()
+
+
+def test_prometheus_rule_and_service_monitor_match_the_crd_schema_and_the_monitor():
+    documents = filled_documents(DRIFT_PROMETHEUS)
+    exported = exported_metric_names()
+    assert 'model_drift_dropped_inputs_total' in exported
+    assert prometheus_errors(documents, filled_documents(DRIFT_MONITOR), exported) == []
+    rule = documents[1]['spec']['groups'][0]['rules'][0]
+    assert rule['alert'] == 'MnistModelDrift' and 'model_drift_alert{model_name="mnist-model-server"}' in rule['expr']
+    broken = copy.deepcopy(documents)
+    broken[1]['spec']['groups'][0]['rules'][0].update({'for': '5 minutes', 'expr': 'model_drift_alarm{} == 1'})
+    errors = prometheus_errors(broken, filled_documents(DRIFT_MONITOR), exported)
+    assert any('not a duration' in error for error in errors) and any('no model_drift_alarm' in error for error in errors)
+
+
+def test_kserve_logger_block_once_uncommented_posts_to_the_drift_monitor_service():
+    with open(os.path.join(REPO, 'mnist_model', 'kserve-inferenceservice.yaml')) as manifest_file:
+        text = manifest_file.read()
+    uncommented = re.sub(r'^(\s*)# (logger:|  mode:|  url:)', r'\1\2', text, flags=re.M)
+    logger = yaml.safe_load(uncommented)['spec']['predictor']['logger']
+    assert set(logger) <= LOGGER_FIELDS and logger['mode'] in ('all', 'request', 'response')
+    assert logger['mode'] == 'all'       # the monitor needs both halves of every predict
+    service = next(document for document in filled_documents(DRIFT_MONITOR) if document['kind'] == 'Service')
+    port = service['spec']['ports'][0]['port']
+    assert logger['url'] == f'http://{service["metadata"]["name"]}.mnist-project.svc.cluster.local' \
+                            f'{"" if port == 80 else f":{port}"}/'

@@ -18,7 +18,7 @@ import report_page
 from conftest import REPO
 
 RUN_DEMO = os.path.join(REPO, 'run_demo.py')
-STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'stop']
+STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'drift', 'stop']
 
 
 def start_demo(*args, environment=None):
@@ -174,13 +174,27 @@ def test_report_and_summary_agree(quick_demo):
             assert command in words
     for trial in summary['tuning']['trials']:
         assert f'{trial["accuracy"]:.4f}' in page
-    assert page.count('src="data:image/png;base64,') == 2 + 10, 'chart, notebook figure and ten digits, inline'
+    assert page.count('src="data:image/png;base64,') == 3 + 10, \
+        'tuning and drift charts, notebook figure and ten digits, inline'
     assert not re.search(r'(src|href)="(https?:)?//', page), 'the page fetches nothing'
     answers = summary['predict_image']
     assert [answer['sent'] for answer in answers] == list(range(10))
     assert sum(answer['digit'] == answer['sent'] for answer in answers) >= 8
     assert summary['notebook']['lines'][0].startswith('sent [1, 3, 9] -> predicted [')
     assert os.path.isfile(os.path.join(quick_demo['dir'], 'notebook', 'model_serve.ipynb'))
+
+
+def test_the_drift_stage_shows_clean_traffic_calm_and_rotated_digits_alerted(quick_demo):
+    drift = quick_demo['summary']['drift']
+    clean = [point for point in drift['points'] if point['sent'] <= drift['clean_sent']]
+    assert clean and not any(point['alert'] for point in clean)
+    assert all(score < drift['thresholds'][name] for point in clean for name, score in point['scores'].items())
+    assert drift['alert_after'] is not None and 0 < drift['alert_after'] <= drift['shifted_sent']
+    assert drift['shifted_accuracy'] < drift['clean_accuracy'] - 0.2
+    assert f'[drift] alert after {drift["alert_after"]} rotated digits: ' in quick_demo['text']
+    words = page_text(quick_demo['page'])
+    assert f'the alert started after {drift["alert_after"]} of them' in words
+    assert 'What an operator does next:' in words
 
 
 def test_the_report_reads_whole_words_in_a_browser_at_1280_and_1920_px(quick_demo):
@@ -278,8 +292,8 @@ def test_the_report_marks_a_failed_stage():
     assert '<span class="status failed">failed</span> ' in page
     assert 'failed exit code 1: mnist_pipeline.py: error: step train failed: disk full' in \
         page_text(page)
-    assert '1 of 7 succeeded; pipeline failed' in page
-    assert page.count('<span class="status not-run">not run</span>') == 5
+    assert '1 of 8 succeeded; pipeline failed' in page
+    assert page.count('<span class="status not-run">not run</span>') == 6
 
 
 def test_a_failed_stage_stops_the_run_with_one_line_and_the_report_so_far(tmp_path, capsys, monkeypatch):
