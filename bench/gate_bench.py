@@ -30,18 +30,22 @@ TARGET_SECONDS = 3.0
 def export_model(work_dir, name, hparams, data=DATA):
     """Train on data with hparams (over the trainer's defaults) and export the model to <work_dir>/<name>/export,
     with the trainer's step functions; returns that folder."""
+    import evaluate
+    import export
+    import load_data
     import mnist
+    import train
 
     folder = os.path.join(work_dir, name)
     dataset = os.path.join(work_dir, f'dataset-{os.path.basename(data)}')
     if not os.path.exists(dataset):
-        mnist.load_data(data, dataset)
+        load_data.load_data(data, dataset)
     hparams = {**mnist.HYPERPARAMETER_DEFAULTS, **hparams}
-    model = mnist.train(dataset, os.path.join(folder, 'model'), log_dir='', **hparams)
-    mnist.evaluate(dataset, os.path.join(folder, 'model'), os.path.join(folder, 'metrics.json'),
-                   os.path.join(folder, 'kfp-metrics.json'), os.path.join(folder, 'ui.json'), trained_model=model)
-    mnist.export(os.path.join(folder, 'model'), os.path.join(folder, 'metrics.json'), os.path.join(folder, 'export'),
-                 trained_model=model)
+    model = train.train(dataset, os.path.join(folder, 'model'), log_dir='', **hparams)
+    evaluate.evaluate(dataset, os.path.join(folder, 'model'), os.path.join(folder, 'metrics.json'),
+                      os.path.join(folder, 'kfp-metrics.json'), os.path.join(folder, 'ui.json'), trained_model=model)
+    export.export(os.path.join(folder, 'model'), os.path.join(folder, 'metrics.json'), os.path.join(folder, 'export'),
+                  trained_model=model)
     return os.path.join(folder, 'export')
 
 

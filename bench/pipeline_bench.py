@@ -52,8 +52,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     python = sys.executable
     if args.pipeline == 'v2':
-        sys.path.insert(0, REPO)
-        from mnist_model.pipeline_cli import find_kfp2_python
+        sys.path.insert(0, os.path.join(REPO, 'mnist_model'))
+        from pipeline_cli import find_kfp2_python
         python = find_kfp2_python()
         if python is None:
             parser.error('--pipeline v2 needs the kfp 2 environment: set MNIST_KFP2_PYTHON to its python')

@@ -5,7 +5,7 @@ A serving folder holds integer version folders (1/, 2/, ...) that TF Serving, KS
 they serve the largest. Promotions build a version in a hidden .tmp-* folder and rename it into place under the
 folder's lock, .promotion-lock. The promote step of the pipelines embeds this module's source verbatim.
 
-    python3 -c "import serving_folder; print(serving_folder.versions('mnist_model'))"   # from mnist_model/
+    python3 -c "import serving_folder; print(serving_folder.versions('.'))"   # from mnist_model/
 """
 import json
 import os
