@@ -24,6 +24,8 @@ EXPORTED_CONTRACT = {
                         'outputs': {'probabilities': ('float32', (-1, 10)), 'digit': ('int64', (-1,))}},
     'predict_image': {'inputs': {'image_bytes': ('string', (-1,))},
                       'outputs': {'probabilities': ('float32', (-1, 10)), 'digit': ('int64', (-1,))}},
+    # What predict_image classifies, for the drift monitor (export.py).
+    'image_pixels': {'inputs': {'image_bytes': ('string', (-1,))}, 'outputs': {'pixels': ('float32', (-1, 784))}},
 }
 
 
@@ -151,10 +153,10 @@ def test_a_hand_made_model_with_another_input_breaks_the_contract(exported_candi
     renamed = evidence.signature_contract(save_module(tmp_path / 'renamed', input_name='x', width=100))
     assert evidence.contract_difference(served, renamed, 'version 3') == (
         'signature serving_default: input pixels (float32[-1,784] in version 3) is missing in the candidate')
-    # Right serving_default, but no predict_image: clients that send PNGs would get errors.
+    # Right serving_default, but no image signatures: clients that send PNGs would get errors.
     pixels_only = evidence.signature_contract(save_module(tmp_path / 'pixels-only'))
     assert evidence.contract_difference(served, pixels_only, 'version 3') == (
-        'signature predict_image of version 3 is missing in the candidate (it offers: serving_default)')
+        'signature image_pixels of version 3 is missing in the candidate (it offers: serving_default)')
     # The other way round nothing is missing: a candidate may offer more.
     assert evidence.contract_difference(pixels_only, served, 'version 3') == ''
 
