@@ -78,6 +78,8 @@ REQUEST_THREADS = 64
 INLINE_BODY_BYTES = 64 * 1024
 # A reply of at most this many output values is written in the event loop (orjson: about 10 us per 1 000).
 INLINE_REPLY_VALUES = 4096
+# TensorFlow's inter-op threads, unless --tensorflow_inter_op_parallelism says otherwise (see serve()).
+DEFAULT_INTER_OP_THREADS = max(8, os.cpu_count() or 1)
 # Memory is given back to the system (serving_limits.MemoryTrimmer) once no request has finished for this long.
 TRIM_IDLE_SECONDS = 1.0
 # Requests for a model name this server does not serve are counted under this model_name label value.
@@ -102,6 +104,8 @@ class ServerSettings(typing.NamedTuple):
     access_log: bool = False
     metrics_path: typing.Optional[str] = None           # None: no Prometheus metrics
     batching: typing.Optional[object] = None            # serving_config.BatchingParameters, or None: no batching
+    inter_op_threads: int = DEFAULT_INTER_OP_THREADS
+    intra_op_threads: int = 0  # 0: TensorFlow's default (one per core)
     max_load_retries: int = 5
     load_retry_seconds: float = 60.0
     limits: HttpLimits = HttpLimits()                   # connections, timeouts and the shutdown grace
@@ -253,6 +257,7 @@ class RestApp:
         self.trimmer = MemoryTrimmer()
         self.trim_timer = None
         self.last_finished = 0.0
+        self.body_bytes_since_trim = 0
         # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
         # GET.
         self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
@@ -299,6 +304,7 @@ class RestApp:
         finally:
             if exchange.body_share:
                 self.budget.resize(exchange.body_share, 0)
+                self.body_bytes_since_trim += exchange.body_share
             self.note_finished()
 
     async def read_body(self, scope, receive, method, head, exchange):
@@ -455,7 +461,8 @@ class RestApp:
             self.trim_timer = loop.call_later(TRIM_IDLE_SECONDS - idle, self.trim_when_idle)
             return
         self.trim_timer = None
-        if self.trimmer.needed():
+        if self.trimmer.needed(self.body_bytes_since_trim):
+            self.body_bytes_since_trim = 0
             self.workers.pool.submit(self.trim)
 
     def trim(self):
@@ -542,7 +549,13 @@ def serve(settings):
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
         app.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), [])
-    import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
+    import tensorflow  # imported here so the load time logged below is the model's alone
+
+    # Before anything runs: TensorFlow runs a signature's ops in its inter-op threads (one per core by default), and
+    # one predict_image call kept both of a 2-core machine's busy decoding, so one-row predicts waited for it (p99
+    # 600 ms against 30 to 60 ms with 4 or 8 threads, docs/serving.md). Idle threads cost nothing.
+    tensorflow.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+    tensorflow.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
     repository.refresh(load_standby=False)
     try:
         found = list_versions(settings.model_base_path)
@@ -666,8 +679,9 @@ def read_settings(args):
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
                           args.file_system_poll_wait_seconds, args.max_request_bytes, args.max_body_memory_bytes,
                           args.small_body_reserve_bytes, args.max_image_pixels_per_request, args.access_log,
-                          metrics_path, batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6,
-                          limits)
+                          metrics_path, batching, args.tensorflow_inter_op_parallelism or DEFAULT_INTER_OP_THREADS,
+                          args.tensorflow_intra_op_parallelism,
+                          args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits)
 
 
 def main(argv=None):
@@ -708,7 +722,7 @@ def main(argv=None):
                              'image or 21 000 of 28x28)')
     parser.add_argument('--max_connections', type=positive_int, default=1024,
                         help='connections open at a time, lowered at start to the descriptor limit (ulimit -n) '
-                             'less 96; one more is answered 503 and closed (default: 1024)')
+                             'less 64; one more is answered 503 and closed (default: 1024)')
     parser.add_argument('--header_timeout_seconds', type=positive_float, default=10.0,
                         help='total time a client has to send a request\'s head (request line and headers), and '
                              'to send its first request after connecting; then 408 and close (default: 10)')
@@ -731,6 +745,11 @@ def main(argv=None):
     parser.add_argument('--monitoring_config_file', default='',
                         help='TF Serving MonitoringConfig text file, e.g. prometheus_config { enable: true, '
                              'path: "/monitoring/prometheus/metrics" } (default: no metrics)')
+    parser.add_argument('--tensorflow_inter_op_parallelism', type=non_negative_int, default=0,
+                        help='threads TensorFlow runs independent ops in; 0 picks the larger of 8 and the number of '
+                             'CPUs, so that image decoding leaves threads free for small predicts (default: 0)')
+    parser.add_argument('--tensorflow_intra_op_parallelism', type=non_negative_int, default=0,
+                        help='threads one TensorFlow op may use; 0: one per CPU (default: 0)')
     parser.add_argument('--access_log', type=boolean, nargs='?', const=True, default=False,
                         help='write one line per request to stderr (default: false)')
     args = parser.parse_args(argv)

@@ -8,7 +8,11 @@ parts of a chain can read one request differently (request smuggling). Request b
 body the application does not read (a GET with a body) is dropped and the next request on the connection is read
 right. `ModelServerProtocol` adds what uvicorn leaves out, each with a clean HTTP reply and a JSON body:
 
-- at most `max_connections` connections at a time: one over that gets 503 at once and is closed;
+- at most `max_connections` connections at a time, counted from their accept() to their close, so that lingering
+  ones count too: one over that gets 503 right at accept(), before asyncio makes a transport for it, and is closed
+  (`GuardedSocket`). So the server never runs out of descriptors (model_server.py lowers the cap below the
+  descriptor limit): at EMFILE asyncio stops accepting for a second at a time, and new clients would wait in the
+  listen queue instead of being answered;
 - a total time for a request's head (`header_timeout_seconds`, against clients that send a byte now and then), and
   at most MAX_HEADER_BYTES of it: 408 or 431;
 - a time without progress while a body arrives (`body_timeout_seconds`), and a total time for the whole body
@@ -18,8 +22,6 @@ right. `ModelServerProtocol` adds what uvicorn leaves out, each with a clean HTT
   read again once the client has read its replies. A connection whose replies stay unread for
   `body_timeout_seconds` is closed. So a client that never reads costs at most one read's worth of queued requests
   and MAX_UNSENT_BYTES of replies;
-- at most MAX_LINGERING connections closed by a refusal linger (below) at a time, so that refusals cannot take
-  the descriptors the connection cap leaves free; beyond that a refused connection is closed at once;
 - a client that ends its side of the connection in the middle of a body gets 400 (the application sees
   scope[TRUNCATED] set), and one that ends it after a whole request still gets its answer;
 - when the server closes a connection on which the client may still be sending (a 413 before the body was read), it
@@ -57,9 +59,8 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 LINGER_SECONDS = 5
 LINGER_IDLE_SECONDS = 1
-# Connections closed by a refusal that may linger at a time; their descriptors are part of the headroom that
-# serving_limits.connection_cap keeps below the descriptor limit.
-MAX_LINGERING = 32
+# Reads of what a client refused at accept() already sent, before its connection is closed (see refuse_at_accept).
+REFUSAL_DRAIN_READS = 16
 # A connection is not read while more reply bytes than this wait to be sent on it (the client does not read them).
 # Larger than the largest usual reply (a 100-image predict answers about 14 KB), so a client that reads its replies
 # never waits for this.
@@ -122,6 +123,46 @@ class GatedFlowControl(FlowControl):
             super().resume_reading()
 
 
+class GuardedSocket(socket.socket):
+    """The listening socket, whose accept() refuses connections over `max_connections` itself: asyncio accepts up to
+    BACKLOG connections in one go before any protocol sees them, so a cap checked in connection_made came too late
+    to keep the descriptors free. `open_connections` counts the connections accepted and not yet lost (the protocol
+    decrements it); `on_refused` is called with the client address of each one refused."""
+
+    max_connections = 1024
+    open_connections = 0
+    on_refused = None
+
+    def accept(self):
+        while True:
+            connection, address = super().accept()  # BlockingIOError once no connection waits: asyncio stops
+            if self.open_connections < self.max_connections:
+                self.open_connections += 1
+                return connection, address
+            refuse_at_accept(connection, error_response(
+                503, f'the server has its limit of {self.max_connections} connections open (--max_connections): '
+                     'try again later'))
+            if self.on_refused is not None:
+                self.on_refused(address, 503)
+
+
+def refuse_at_accept(connection, reply):
+    """Send a refusal on a just-accepted connection and close it. What the client already sent is read first (a
+    few reads, without waiting), so that the close ends the connection in order and the client reads the reply
+    rather than a reset."""
+    try:
+        connection.setblocking(False)
+        connection.send(reply)  # a fresh connection's send buffer holds it
+        connection.shutdown(socket.SHUT_WR)
+        for _ in range(REFUSAL_DRAIN_READS):
+            if not connection.recv(65536):
+                break
+    except OSError:  # BlockingIOError: nothing more to read now; or the client has gone
+        pass
+    finally:
+        connection.close()
+
+
 class LingeringTransport:
     """The transport as uvicorn's request cycle sees it: close() goes through the protocol, which lingers when the
     client may still be sending. Everything else is the real transport's."""
@@ -145,8 +186,7 @@ class ModelServerProtocol(HttpToolsProtocol):
 
     limits = HttpLimits()
     on_bad_request = None
-    # Connections lingering after a refusal, in the whole server (see MAX_LINGERING).
-    lingering_count = 0
+    listener = None  # the GuardedSocket, whose count of open connections connection_lost lowers
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -157,7 +197,6 @@ class ModelServerProtocol(HttpToolsProtocol):
         self.flow = GatedFlowControl(transport, self)
         self.send_timer = None
         self.lingering = False
-        self.counted_lingering = False
         self.linger_timer = None
         self.linger_deadline = 0.0
         self.head_done = True          # no request begun yet
@@ -168,11 +207,6 @@ class ModelServerProtocol(HttpToolsProtocol):
         self.request_bytes_seen = False
         self.timer = None
         self.body_deadline = 0.0
-        if len(self.connections) > self.limits.max_connections:
-            self.connections.discard(self)
-            self.refuse(503, f'the server has its limit of {self.limits.max_connections} connections open '
-                             '(--max_connections): try again later')
-            return
         # The time to the first request counts as header time, so a client that connects and sends nothing is
         # closed as well.
         self.set_timer(self.limits.header_timeout_seconds, self.head_timed_out)
@@ -316,9 +350,8 @@ class ModelServerProtocol(HttpToolsProtocol):
         if self.linger_timer is not None:
             self.linger_timer.cancel()
             self.linger_timer = None
-        if self.counted_lingering:
-            self.counted_lingering = False
-            type(self).lingering_count -= 1
+        if self.listener is not None:
+            self.listener.open_connections -= 1
         self.lingering = True  # whatever uvicorn closes now is closed at once
         super().connection_lost(exc)
 
@@ -391,12 +424,6 @@ class ModelServerProtocol(HttpToolsProtocol):
         transport = self.real_transport
         if transport.is_closing():
             return
-        if type(self).lingering_count >= MAX_LINGERING:
-            # Enough connections linger already: their descriptors would eat into the connection cap's headroom.
-            transport.close()
-            return
-        type(self).lingering_count += 1
-        self.counted_lingering = True
         try:
             transport.write_eof()
         except (OSError, RuntimeError):
@@ -471,8 +498,13 @@ def serve_app(app, sock, limits, on_bad_request=None, on_stopping=None):
     """Serve the ASGI app on the listening socket until SIGINT or SIGTERM; returns once stopped. on_bad_request is
     called (in the event loop) for each request this layer refuses, on_stopping (in the signal handler) when the
     first signal arrives."""
+    # The listening socket as a GuardedSocket (the same descriptor), which enforces max_connections at accept().
+    listener = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    listener.max_connections = limits.max_connections
+    listener.on_refused = on_bad_request
+    on_bad_request = staticmethod(on_bad_request) if on_bad_request else None
     protocol = type('BoundModelServerProtocol', (ModelServerProtocol,),
-                    {'limits': limits, 'on_bad_request': staticmethod(on_bad_request) if on_bad_request else None})
+                    {'limits': limits, 'on_bad_request': on_bad_request, 'listener': listener})
     logger = logging.getLogger('uvicorn.error')
     logger.handlers = [UvicornLogHandler()]
     logger.setLevel(logging.WARNING)
@@ -483,4 +515,4 @@ def serve_app(app, sock, limits, on_bad_request=None, on_stopping=None):
                             timeout_graceful_shutdown=limits.shutdown_grace_seconds)
     server = Server(config)
     server.on_stopping = on_stopping
-    server.run(sockets=[sock])
+    server.run(sockets=[listener])

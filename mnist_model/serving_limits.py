@@ -30,17 +30,18 @@ import resource
 # A body up to this size counts as small and may use the budget's reserved share (the server parses such bodies in
 # its event loop, model_server.INLINE_BODY_BYTES).
 SMALL_BODY_BYTES = 64 * 1024
-# Descriptors kept free below the descriptor limit: the server uses about 20 once started (the listening socket,
-# epoll, pipes of the event loop and the stderr pump, TensorFlow's), reads model files while it loads a version,
-# and up to serving_http.MAX_LINGERING refused connections linger before they close.
-DESCRIPTOR_HEADROOM = 96
+# Descriptors kept free below the descriptor limit for everything but connections: the server holds 10 once
+# started (stdio, the stderr pump's pipe, the listening socket, epoll, the event loop's socket pair), and a version
+# being loaded opens its files. Connections, lingering ones included, count in --max_connections.
+DESCRIPTOR_HEADROOM = 64
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 # As the exported graph: a JPEG's frame header must come within this many segments.
 MAX_JPEG_SEGMENTS = 1000
 # The JPEG markers that start a frame header (SOF0-SOF15 but DHT, JPG and DAC).
 JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Trim only when the process grew by this much since the last trim: each trim walks the allocator's heaps.
-TRIM_GROWTH_BYTES = 16 * 1024 * 1024
+# Trim only when the process grew by this much since the last trim, or request bodies of this many bytes were
+# answered since (their memory is freed, but glibc keeps it): each trim walks the allocator's heaps.
+TRIM_AFTER_BYTES = 16 * 1024 * 1024
 
 
 class BodyBudget:
@@ -155,9 +156,11 @@ class MemoryTrimmer:
                 self.function = None
         self.baseline = resident_bytes()
 
-    def needed(self):
-        """Whether the process grew by TRIM_GROWTH_BYTES since the last trim (cheap: one read of /proc)."""
-        return self.function is not None and resident_bytes() > self.baseline + TRIM_GROWTH_BYTES
+    def needed(self, body_bytes):
+        """Whether a trim may give much back: `body_bytes` of request bodies were answered since the last trim, or
+        the process grew by TRIM_AFTER_BYTES (cheap: one read of /proc)."""
+        return self.function is not None and (body_bytes >= TRIM_AFTER_BYTES or
+                                              resident_bytes() > self.baseline + TRIM_AFTER_BYTES)
 
     def trim(self):
         """Trim now (in a thread: it takes milliseconds on a large heap); returns the bytes given back."""
@@ -172,5 +175,5 @@ def describe_cap(requested, allowed, soft_limit):
     if allowed >= requested:
         return None
     return (f'--max_connections {requested} lowered to {allowed}: the descriptor limit (ulimit -n) is {soft_limit}, '
-            f'and {DESCRIPTOR_HEADROOM} descriptors are kept for model files, logs and closing connections')
+            f'and {DESCRIPTOR_HEADROOM} descriptors are kept for model files and logs')
 
