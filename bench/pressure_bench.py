@@ -21,6 +21,7 @@ Example:
 
 import argparse
 import base64
+import importlib.util
 import json
 import os
 import resource
@@ -313,8 +314,12 @@ def main():
     unknown = [case for case in cases if case not in CASES]
     if unknown or args.runs < 1:
         parser.error(f'unknown cases {unknown}' if unknown else '--runs must be >= 1')
-    sys.path.insert(0, os.path.join(os.path.abspath(args.repo), 'mnist_model'))
-    import model_server
+    # The server runs as a subprocess of its own file, so loading that file is all it takes to measure another
+    # checkout (serve_bench, imported above, has imported this checkout's model_server already).
+    spec = importlib.util.spec_from_file_location(
+        'measured_model_server', os.path.join(os.path.abspath(args.repo), 'mnist_model', 'model_server.py'))
+    model_server = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_server)
 
     if not model_server.list_versions(args.model_base_path):
         print(f'error: no exported version under {args.model_base_path}; run `python3 mnist_model/mnist.py` first',
