@@ -222,6 +222,8 @@ def fair_case(port, pid, seconds=20, rate=100):
     with socket.create_connection(('127.0.0.1', port), timeout=60) as sock:
         begin = time.perf_counter()
         for index in range(seconds * rate):
+            if time.perf_counter() > begin + 2 * seconds:
+                break  # a server that makes each predict wait for an image would take an image's time per predict
             due = begin + index / rate
             time.sleep(max(0.0, due - time.perf_counter()))
             sock.sendall(request_bytes(ONE_ROW))

@@ -22,10 +22,15 @@ there into one signature call, which a batch thread makes while the loop reads t
 (serving_batching.py; on by default, unlike TF Serving: --enable_batching=false turns it off). Large or compressed
 bodies are decoded in a thread pool, so that the loop never stalls on them. Per-request log lines are opt-in
 (--access_log), and stderr can never block a request, even when nobody reads it (serving_log.py).
-Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label), 404 (unknown model or
-version), 405 (wrong method), 408 (head or body too slow), 411 (no length), 413 (body over --max_request_bytes, also
-once decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or
-503 (batch queue full, or --max_connections reached). The HTTP layer is uvicorn with httptools, with the limits of
+Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label; images over
+--max_image_pixels_per_request), 404 (unknown model or version), 405 (wrong method), 408 (head or body too slow,
+or the body past --body_deadline_seconds), 411 (no length), 413 (body over --max_request_bytes, also once
+decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or 503
+(batch queue full, --max_connections reached, or the bodies held by all connections at --max_body_memory_bytes).
+Under pressure from many clients the server's memory and every client's wait stay bounded (serving_limits.py,
+serving_http.py): a server-wide body budget with a share kept for small requests, back-pressure on connections whose
+replies are not read, a heavy lane for image decoding and large requests, a connection cap below the descriptor
+limit, and memory given back to the system after a burst. The HTTP layer is uvicorn with httptools, with the limits of
 serving_http.py; SIGTERM and Ctrl-C let requests in flight finish (--shutdown_grace_seconds), then exit 0.
 docs/serving.md has the details.
 

@@ -6,6 +6,8 @@ are JSON strings or {"b64": "..."}; string outputs whose name ends in `_bytes` g
 Serving does. Numbers are checked against the signature's dtype and shape before any TensorFlow call, so a
 malformed request fails on its own and never inside a batch of other clients' requests.
 
+Compressed bodies are inflated by `gunzip`, within the body limit whatever the compression ratio.
+
 Example:
     request = read_predict_request(served, orjson.loads(body))
     reply_bytes = encode_predict_reply(outputs, request.row_format)
