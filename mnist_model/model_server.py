@@ -23,10 +23,15 @@ there into one signature call, which a batch thread makes while the loop reads t
 (serving_batching.py; on by default, unlike TF Serving: --enable_batching=false turns it off). Large or compressed
 bodies are decoded in a thread pool, so that the loop never stalls on them. Per-request log lines are opt-in
 (--access_log), and stderr can never block a request, even when nobody reads it (serving_log.py).
-Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label), 404 (unknown model or
-version), 405 (wrong method), 408 (head or body too slow), 411 (no length), 413 (body over --max_request_bytes, also
-once decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or
-503 (batch queue full, or --max_connections reached). The HTTP layer is uvicorn with httptools, with the limits of
+Errors are {"error": "..."} with HTTP 400 (bad HTTP, JSON, body, path or version label; images over
+--max_image_pixels_per_request), 404 (unknown model or version), 405 (wrong method), 408 (head or body too slow,
+or the body past --body_deadline_seconds), 411 (no length), 413 (body over --max_request_bytes, also once
+decompressed; answered at once), 415 (other compression), 431 (head too large), 501 (other transfer coding) or 503
+(batch queue full, --max_connections reached, or the bodies held by all connections at --max_body_memory_bytes).
+Under pressure from many clients the server's memory and every client's wait stay bounded (serving_limits.py,
+serving_http.py): a server-wide body budget with a share kept for small requests, back-pressure on connections whose
+replies are not read, a heavy lane for image decoding and large requests, a connection cap below the descriptor
+limit, and memory given back to the system after a burst. The HTTP layer is uvicorn with httptools, with the limits of
 serving_http.py; SIGTERM and Ctrl-C let requests in flight finish (--shutdown_grace_seconds), then exit 0.
 docs/serving.md has the details.
 
@@ -49,13 +54,15 @@ import threading
 import time
 import typing
 import warnings
-import zlib
 
 
-from serving_batching import Batcher, DirectRunner
-from serving_config import BatchingParameters, ConfigError, read_batching_parameters, read_monitoring_config
+from serving_batching import HEAVY_ROWS, Batcher, DirectRunner, new_heavy_lane
+from serving_config import (BatchingParameters, ConfigError, boolean, non_negative_float, non_negative_int,
+                            port_number, positive_float, positive_int, read_batching_parameters,
+                            read_monitoring_config)
 from serving_http import IN_FLIGHT, TRUNCATED, HttpLimits, listen, printable, serve_app
-from serving_json import RequestError, encode_predict_reply, parse_json, read_predict_request
+from serving_json import RequestError, encode_predict_reply, gunzip, parse_json, read_predict_request
+from serving_limits import BodyBudget, MemoryTrimmer, connection_cap, describe_cap, request_pixels
 from serving_log import StderrPump, log_line
 from serving_versions import ModelRepository, list_versions
 
@@ -67,18 +74,20 @@ DRAW_PAGE_PATHS = ('/', '/draw')
 DRAW_PAGE_HEADERS = [(b'content-security-policy', b"default-src 'none'; script-src 'unsafe-inline'; "
                       b"style-src 'unsafe-inline'; img-src data: blob:; connect-src 'self'"),
                      (b'cache-control', b'no-cache')]
-# Threads for the work that would stall the event loop: large or compressed bodies, large replies, GET requests
-# while others are in flight, and the signature calls of --enable_batching=false.
+# Threads for the work that would stall the event loop: large replies, GET requests while others are in flight, and
+# the signature calls of --enable_batching=false. Large or compressed bodies are decoded in the heavy lane's one
+# thread (serving_batching.py), so that at most one is parsed at a time: parsing holds the GIL, and 64 threads
+# parsing at once would leave the event loop a 65th of it.
 REQUEST_THREADS = 64
 # A predict body up to this size (uncompressed) is parsed and checked in the event loop (a 784-pixel row is 3 KB, and
 # takes about 50 us); a larger one in a pool thread.
 INLINE_BODY_BYTES = 64 * 1024
 # A reply of at most this many output values is written in the event loop (orjson: about 10 us per 1 000).
 INLINE_REPLY_VALUES = 4096
-# A gzip body is read in pieces this large, so that each member's leftover input (which zlib copies) stays small
-# and many small members cost time in proportion to their bytes; and it may hold at most this many members.
-GZIP_PIECE_BYTES = 4096
-MAX_GZIP_MEMBERS = 1000
+# TensorFlow's inter-op threads, unless --tensorflow_inter_op_parallelism says otherwise (see serve()).
+DEFAULT_INTER_OP_THREADS = max(8, os.cpu_count() or 1)
+# Memory is given back to the system (serving_limits.MemoryTrimmer) once no request has finished for this long.
+TRIM_IDLE_SECONDS = 1.0
 # Requests for a model name this server does not serve are counted under this model_name label value.
 UNKNOWN_MODEL_LABEL = '<unknown>'
 URL_PATTERN = re.compile(
@@ -95,48 +104,18 @@ class ServerSettings(typing.NamedTuple):
     model_base_path: str = DEFAULT_MODEL_BASE_PATH
     poll_wait_seconds: float = 1.0
     max_request_bytes: int = 16 * 1024 * 1024
+    max_body_memory_bytes: int = 128 * 1024 * 1024     # BodyBudget (serving_limits.py)
+    small_body_reserve_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
     access_log: bool = False
     metrics_path: typing.Optional[str] = None           # None: no Prometheus metrics
     batching: typing.Optional[object] = None            # serving_config.BatchingParameters, or None: no batching
+    inter_op_threads: int = DEFAULT_INTER_OP_THREADS
+    intra_op_threads: int = 0  # 0: TensorFlow's default (one per core)
     max_load_retries: int = 5
     load_retry_seconds: float = 60.0
     limits: HttpLimits = HttpLimits()                   # connections, timeouts and the shutdown grace
     drift_window: int = 200                             # inputs in the drift monitor's window; 0: no monitor
-
-
-def gunzip(data, limit):
-    """Decompress a gzip body (one or more members) into at most `limit` bytes, or raise RequestError. Decompressing
-    stops at the limit, so a small body that would inflate to gigabytes (a decompression bomb) costs no more than a
-    body at the limit; the input is fed in GZIP_PIECE_BYTES pieces, so the time grows with the body's size alone,
-    however many members it holds (at most MAX_GZIP_MEMBERS)."""
-    view = memoryview(data)
-    parts, size, position, members = [], 0, 0, 0
-    decompressor, pending = None, b''
-    while pending or position < len(view):
-        if not pending:
-            pending = view[position:position + GZIP_PIECE_BYTES]
-            position += len(pending)
-        if decompressor is None:
-            members += 1
-            if members > MAX_GZIP_MEMBERS:
-                raise RequestError(400, f'the gzip request body has more than {MAX_GZIP_MEMBERS} members')
-            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            part = decompressor.decompress(pending, limit + 1 - size)
-        except zlib.error as error:
-            raise RequestError(400, f'the gzip request body cannot be decompressed: {error}') from None
-        size += len(part)
-        if size > limit:
-            raise RequestError(413, f'the gzip request body decompresses to more than the limit of {limit} bytes '
-                                    '(--max_request_bytes)')
-        parts.append(part)
-        if decompressor.eof:
-            pending, decompressor = decompressor.unused_data, None
-        else:
-            pending = b''
-    if decompressor is not None:
-        raise RequestError(400, 'the gzip request body is truncated')
-    return b''.join(parts)
 
 
 def model_status(repository, version):
@@ -209,13 +188,21 @@ def check_model_name(name, suffix, version, model_name):
         raise RequestError(404, f'Servable not found for request: {request}')
 
 
+class Workers(typing.NamedTuple):
+    """The server's threads besides the event loop and the batch threads (see REQUEST_THREADS)."""
+    pool: concurrent.futures.ThreadPoolExecutor
+    heavy_lane: concurrent.futures.ThreadPoolExecutor
+
+
 class Exchange:
-    """One request's reply and the labels it is counted under, filled in by RestApp.answer."""
+    """One request's reply and the labels it is counted under, filled in by RestApp.answer; and the bytes of the
+    body budget its body holds until it is answered."""
 
     __slots__ = ('status', 'payload', 'content_type', 'headers', 'close', 'counted', 'model_label', 'api',
-                 'signature_name')
+                 'signature_name', 'body_share')
 
     def __init__(self):
+        self.body_share = 0
         self.status = 200
         self.payload = b''
         self.content_type = 'application/json'
@@ -262,16 +249,22 @@ class RestApp:
     """TF Serving's REST API as an ASGI application, in the event loop. A predict with a small body is decoded,
     parsed and checked in the loop (about 50 us for a 784-pixel row), joins the runner's batch queue there, and its
     reply is written there too; only the signature call runs in a batch thread (serving_batching.py). A larger body
-    (over INLINE_BODY_BYTES, or compressed) is decoded and checked in a thread of `pool`, so that the loop never stalls
-    on it, and then joins the batches like the others; so do large replies. Other requests are answered in the loop
-    when they are alone in the server, else in the pool."""
+    (over INLINE_BODY_BYTES, or compressed) is decoded and checked in the heavy lane's thread, so that the loop never
+    stalls on it, and then joins the heavy lane's batches; large replies are written in a thread of the pool. Other
+    requests are answered in the loop when they are alone in the server, else in the pool. Every body holds its
+    share of the server's body budget from before it is read until its request is answered."""
 
-    def __init__(self, settings, repository, runner, metrics, pool):
+    def __init__(self, settings, repository, runner, metrics, workers):
         self.settings = settings
         self.repository = repository
         self.runner = runner
         self.metrics = metrics
-        self.pool = pool
+        self.workers = workers
+        self.budget = BodyBudget(settings.max_body_memory_bytes, settings.small_body_reserve_bytes)
+        self.trimmer = MemoryTrimmer()
+        self.trim_timer = None
+        self.last_finished = 0.0
+        self.body_bytes_since_trim = 0
         # Pages outside the REST API, by path: a function returning (content type, body bytes, extra headers) for
         # GET.
         self.pages = {path: lambda: draw_page(settings.model_name) for path in DRAW_PAGE_PATHS}
@@ -289,29 +282,38 @@ class RestApp:
         exchange = Exchange()
         self.label(exchange, method, path)
         try:
-            body = await self.read_body(scope, receive, method, head, exchange)
-        except RequestError as error:
-            exchange.close = True
-            exchange.fail(error.status, error.message)
-        except ClientGone:
-            return
-        else:
-            in_flight = scope.get(IN_FLIGHT, ())
-            loop = asyncio.get_running_loop()
-            if len(body) <= INLINE_BODY_BYTES and head.content_encoding.strip().lower() in (b'', b'identity') \
-                    and (method == 'POST' or len(in_flight) <= 1):
-                predict = self.answer(exchange, method, path, body, head)
+            try:
+                body = await self.read_body(scope, receive, method, head, exchange)
+            except RequestError as error:
+                exchange.close = True
+                exchange.fail(error.status, error.message)
+            except ClientGone:
+                return
             else:
-                predict = await loop.run_in_executor(self.pool, self.answer, exchange, method, path, body, head)
-            if predict is not None:
-                await self.predict(exchange, method, path, predict, len(in_flight) <= 1)
-        headers = [(b'content-type', exchange.content_type.encode()),
-                   (b'content-length', str(len(exchange.payload)).encode()), *exchange.headers]
-        if exchange.close:
-            headers.append((b'connection', b'close'))
-        await send({'type': 'http.response.start', 'status': exchange.status, 'headers': headers})
-        await send({'type': 'http.response.body', 'body': exchange.payload})
-        self.record(scope, method, path, exchange, time.perf_counter() - started)
+                in_flight = scope.get(IN_FLIGHT, ())
+                if is_heavy_body(body, head):
+                    predict = await asyncio.get_running_loop().run_in_executor(
+                        self.workers.heavy_lane, self.answer, exchange, method, path, body, head)
+                elif method == 'POST' or len(in_flight) <= 1:
+                    predict = self.answer(exchange, method, path, body, head)
+                else:
+                    predict = await asyncio.get_running_loop().run_in_executor(
+                        self.workers.pool, self.answer, exchange, method, path, body, head)
+                del body  # the parsed arrays are all a predict still needs
+                if predict is not None:
+                    await self.predict(exchange, method, path, predict, len(in_flight) <= 1)
+            headers = [(b'content-type', exchange.content_type.encode()),
+                       (b'content-length', str(len(exchange.payload)).encode()), *exchange.headers]
+            if exchange.close:
+                headers.append((b'connection', b'close'))
+            await send({'type': 'http.response.start', 'status': exchange.status, 'headers': headers})
+            await send({'type': 'http.response.body', 'body': exchange.payload})
+            self.record(scope, method, path, exchange, time.perf_counter() - started)
+        finally:
+            if exchange.body_share:
+                self.budget.resize(exchange.body_share, 0)
+                self.body_bytes_since_trim += exchange.body_share
+            self.note_finished()
 
     async def read_body(self, scope, receive, method, head, exchange):
         """The request body as sent (unchunked, not yet decompressed), within --max_request_bytes; b'' for a
@@ -332,11 +334,14 @@ class RestApp:
             length = int(head.content_length)
             if length == 0:
                 return b''
+            # Both answered before any of the body is read: a client that sent Expect: 100-continue never gets
+            # "100 Continue", and the HTTP layer reads and drops what others already send.
             if length > limit:
-                # Answered before any of the body is read: a client that sent Expect: 100-continue never gets
-                # "100 Continue", and the HTTP layer reads and drops what others already send.
                 raise RequestError(413, f'request body of {length} bytes is over the limit of {limit} bytes '
                                         '(--max_request_bytes)')
+            if not self.budget.resize(0, length):
+                raise RequestError(503, self.budget.refusal(length))
+            exchange.body_share = length
         parts, size = [], 0
         while True:
             message = await receive()
@@ -347,6 +352,10 @@ class RestApp:
             if size > limit:
                 raise RequestError(413, f'chunked request body of more than {limit} bytes is over the limit '
                                         '(--max_request_bytes)')
+            if size > exchange.body_share:  # a chunked body takes its share as it arrives
+                if not self.budget.resize(exchange.body_share, size):
+                    raise RequestError(503, self.budget.refusal(None))
+                exchange.body_share = size
             parts.append(chunk)
             if not message.get('more_body', False):
                 break
@@ -378,10 +387,12 @@ class RestApp:
         return None
 
     async def predict(self, exchange, method, path, predict, alone):
-        """Run a checked predict (in the loop's batch queue) and fill in its reply."""
-        served, request = predict
+        """Run a checked predict (in its lane's batch queue) and fill in its reply."""
+        served, request, heavy = predict
         try:
-            outputs = await self.runner.run(served, request.signature_name, request.arrays, alone)
+            outputs = await self.runner.run(served, request.signature_name, request.arrays, alone, heavy)
+            # The drift monitor sees every answered predict once, after batching split the outputs per request. It
+            # only enqueues what it needs here, in the loop; its work runs in a thread of its own (serving_drift.py).
             if self.drift is not None:
                 self.drift.observe(served, request.signature_name, request.arrays, outputs)
             if sum(array.size for array in outputs.values()) <= INLINE_REPLY_VALUES:
@@ -432,7 +443,42 @@ class RestApp:
             raise RequestError(400, f'malformed predict request: {type(error).__name__}: '
                                     f'{printable(str(error), 200)}') from None
         exchange.signature_name = request.signature_name
-        return served, request
+        has_strings = any(array.dtype == object for array in request.arrays.values())
+        if has_strings:
+            pixels = request_pixels(request.arrays)
+            if pixels > self.settings.max_image_pixels:
+                raise RequestError(400, f'the images of this request decode to {pixels} pixels, over the limit of '
+                                        f'{self.settings.max_image_pixels} per request '
+                                        '(--max_image_pixels_per_request): send them in several requests')
+        heavy = has_strings or is_heavy_body(body, head) or \
+            any(array.ndim and array.shape[0] > HEAVY_ROWS for array in request.arrays.values())
+        return served, request, heavy
+
+    def note_finished(self):
+        """A request is done: memory is given back to the system once no request has finished for
+        TRIM_IDLE_SECONDS (a timer of the loop, armed at most once at a time)."""
+        loop = asyncio.get_running_loop()
+        self.last_finished = loop.time()
+        if self.trim_timer is None and self.trimmer.function is not None:
+            self.trim_timer = loop.call_later(TRIM_IDLE_SECONDS, self.trim_when_idle)
+
+    def trim_when_idle(self):
+        loop = asyncio.get_running_loop()
+        idle = loop.time() - self.last_finished
+        if idle < TRIM_IDLE_SECONDS:
+            self.trim_timer = loop.call_later(TRIM_IDLE_SECONDS - idle, self.trim_when_idle)
+            return
+        self.trim_timer = None
+        if self.trimmer.needed(self.body_bytes_since_trim):
+            self.body_bytes_since_trim = 0
+            self.workers.pool.submit(self.trim)
+
+    def trim(self):
+        started = time.perf_counter()
+        given_back = self.trimmer.trim()
+        if given_back >= 64 * 1024 * 1024:
+            log_line(f'Gave {given_back / 1e6:.0f} MB of memory back to the system after a burst of requests '
+                     f'(malloc_trim, {(time.perf_counter() - started) * 1000:.0f} ms)')
 
     def label(self, exchange, method, path):
         """Whether the request counts in the metrics (REST API requests do), and its model_name label."""
@@ -459,6 +505,12 @@ class RestApp:
         """A request the HTTP layer refused (bad syntax, timeouts, too many connections): an access line only."""
         if self.settings.access_log:
             log_line(f'{client[0] if client else "-"} "-" {status}')
+
+
+def is_heavy_body(body, head):
+    """Whether a body is decoded in the heavy lane: a large one, or a compressed one (which may inflate to
+    --max_request_bytes)."""
+    return len(body) > INLINE_BODY_BYTES or head.content_encoding.strip().lower() not in (b'', b'identity')
 
 
 def decode_body(body, content_encoding, limit):
@@ -497,10 +549,11 @@ def serve(settings):
                                  load_retry_seconds=settings.load_retry_seconds)
     if metrics is not None:
         metrics.watch_versions(repository)
-    pool = concurrent.futures.ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix='request')
-    runner = DirectRunner(metrics, settings.model_name, pool) if settings.batching is None \
-        else Batcher(settings.batching, metrics, settings.model_name, pool)
-    app = RestApp(settings, repository, runner, metrics, pool)
+    workers = Workers(concurrent.futures.ThreadPoolExecutor(REQUEST_THREADS, thread_name_prefix='request'),
+                      new_heavy_lane())
+    runner = DirectRunner(metrics, settings.model_name, *workers) if settings.batching is None \
+        else Batcher(settings.batching, metrics, settings.model_name, *workers)
+    app = RestApp(settings, repository, runner, metrics, workers)
     if metrics is not None:
         from serving_monitoring import CONTENT_TYPE
         app.pages[settings.metrics_path] = lambda: (CONTENT_TYPE, metrics.exposition(), [])
@@ -511,7 +564,13 @@ def serve(settings):
         app.pages[DRIFT_PAGE] = app.drift.page
         if metrics is not None:
             metrics.registry.register(app.drift.collector())
-    import tensorflow  # noqa: F401 - imported here so the load time logged below is the model's alone
+    import tensorflow  # imported here so the load time logged below is the model's alone
+
+    # Before anything runs: TensorFlow runs a signature's ops in its inter-op threads (one per core by default), and
+    # one predict_image call kept both of a 2-core machine's busy decoding, so one-row predicts waited for it (p99
+    # 600 ms against 30 to 60 ms with 4 or 8 threads, docs/serving.md). Idle threads cost nothing.
+    tensorflow.config.threading.set_inter_op_parallelism_threads(settings.inter_op_threads)
+    tensorflow.config.threading.set_intra_op_parallelism_threads(settings.intra_op_threads)
     repository.refresh(load_standby=False)
     try:
         found = list_versions(settings.model_base_path)
@@ -531,6 +590,13 @@ def serve(settings):
              f'batching {describe_batching(settings.batching)}; Ctrl-C stops)')
     if settings.metrics_path is not None:
         log_line(f'Prometheus metrics at {address}{settings.metrics_path}')
+    # The connection cap leaves descriptors for everything else: at the descriptor limit the kernel would keep new
+    # clients waiting in the listen queue (asyncio stops accepting for a second at each EMFILE) instead of either
+    # serving or refusing them.
+    max_connections, soft_limit = connection_cap(settings.limits.max_connections)
+    lowered = describe_cap(settings.limits.max_connections, max_connections, soft_limit)
+    if lowered is not None:
+        log_line(lowered)
 
     def stopping():
         log_line(f'Shutting down: no new connections; requests in flight get up to '
@@ -541,12 +607,14 @@ def serve(settings):
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().call_soon_threadsafe(runner.stop)
 
-    serve_app(app, sock, settings.limits, on_bad_request=app.record_refused, on_stopping=stopping)
+    serve_app(app, sock, settings.limits._replace(max_connections=max_connections), on_bad_request=app.record_refused,
+              on_stopping=stopping)
     repository.stop()
     runner.close()
     if app.drift is not None:
         app.drift.close()
-    pool.shutdown(wait=True, cancel_futures=True)
+    for executor in workers:
+        executor.shutdown(wait=True, cancel_futures=True)
     if poller is not None:
         poller.join(timeout=5)
     log_line('Server stopped')
@@ -609,54 +677,10 @@ def model_name_of(args):
     return 'mnist'
 
 
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}') from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}')
-    return value
-
-
-def positive_float(text):
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f'expected a number > 0, got {text!r}')
-    return value
-
-
-def port_number(text):
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f'expected a port 0-65535, got {text!r}')
-    return int(text)
-
-
-def positive_int(text):
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
-    return int(text)
-
-
-def non_negative_int(text):
-    if not text.isascii() or not text.isdigit():
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
-    return int(text)
-
-
 def drift_window(text):
     if not text.isascii() or not text.isdigit() or 0 < int(text) < 20:
         raise argparse.ArgumentTypeError(f'expected 0 (no drift monitor) or an integer >= 20, got {text!r}')
     return int(text)
-
-
-def boolean(text):
-    """TF Serving's boolean flags: --flag, --flag=true or --flag=false."""
-    if text.lower() in ('true', '1'):
-        return True
-    if text.lower() in ('false', '0'):
-        return False
-    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')
 
 
 def read_settings(args):
@@ -668,12 +692,19 @@ def read_settings(args):
         batching = read_batching_parameters(args.batching_parameters_file) if args.batching_parameters_file \
             else BatchingParameters()
     metrics_path = read_monitoring_config(args.monitoring_config_file) if args.monitoring_config_file else None
+    if args.max_body_memory_bytes - args.small_body_reserve_bytes < args.max_request_bytes:
+        raise ConfigError(f'--max_body_memory_bytes ({args.max_body_memory_bytes}) less --small_body_reserve_bytes '
+                          f'({args.small_body_reserve_bytes}) must be at least --max_request_bytes '
+                          f'({args.max_request_bytes}), or a body of that size could never be read')
     limits = HttpLimits(max_connections=args.max_connections, header_timeout_seconds=args.header_timeout_seconds,
-                        body_timeout_seconds=args.body_timeout_seconds,
+                        body_timeout_seconds=args.body_timeout_seconds, body_deadline_seconds=args.body_deadline_seconds,
                         shutdown_grace_seconds=args.shutdown_grace_seconds)
     return ServerSettings(args.host, args.rest_api_port, args.model_name, os.path.abspath(args.model_base_path),
-                          args.file_system_poll_wait_seconds, args.max_request_bytes, args.access_log, metrics_path,
-                          batching, args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits,
+                          args.file_system_poll_wait_seconds, args.max_request_bytes, args.max_body_memory_bytes,
+                          args.small_body_reserve_bytes, args.max_image_pixels_per_request, args.access_log,
+                          metrics_path, batching, args.tensorflow_inter_op_parallelism or DEFAULT_INTER_OP_THREADS,
+                          args.tensorflow_intra_op_parallelism,
+                          args.max_num_load_retries, args.load_retry_interval_micros / 1e6, limits,
                           drift_window=args.drift_window)
 
 
@@ -702,14 +733,29 @@ def main(argv=None):
     parser.add_argument('--max_request_bytes', type=positive_int, default=16 * 1024 * 1024,
                         help='largest request body accepted, in bytes, also after gzip decompression; larger ones '
                              'get HTTP 413 (default: 16777216 = 16 MiB)')
+    parser.add_argument('--max_body_memory_bytes', type=positive_int, default=128 * 1024 * 1024,
+                        help='request body bytes all connections may hold at a time; a body that would take more '
+                             'is answered 503 before it is read (default: 134217728 = 128 MiB)')
+    parser.add_argument('--small_body_reserve_bytes', type=non_negative_int, default=16 * 1024 * 1024,
+                        help='the part of --max_body_memory_bytes that only bodies of at most 64 KiB (a one-row '
+                             'predict is 3 KB) may use, so that large bodies never starve small predicts '
+                             '(default: 16777216 = 16 MiB)')
+    parser.add_argument('--max_image_pixels_per_request', type=positive_int, default=4096 * 4096,
+                        help='pixels the PNG and JPEG images of one request may decode to in all (read from their '
+                             'headers before decoding); more is answered 400 (default: 16777216, one 4096x4096 '
+                             'image or 21 000 of 28x28)')
     parser.add_argument('--max_connections', type=positive_int, default=1024,
-                        help='connections open at a time; one more is answered 503 and closed (default: 1024)')
+                        help='connections open at a time, lowered at start to the descriptor limit (ulimit -n) '
+                             'less 64; one more is answered 503 and closed (default: 1024)')
     parser.add_argument('--header_timeout_seconds', type=positive_float, default=10.0,
                         help='total time a client has to send a request\'s head (request line and headers), and '
                              'to send its first request after connecting; then 408 and close (default: 10)')
     parser.add_argument('--body_timeout_seconds', type=positive_float, default=30.0,
-                        help='longest time without any part of a request body arriving; then 408 and close '
-                             '(default: 30)')
+                        help='longest time without any part of a request body arriving (then 408 and close), or '
+                             'without the client reading any of its replies (then close) (default: 30)')
+    parser.add_argument('--body_deadline_seconds', type=positive_float, default=60.0,
+                        help='total time a client has to send a request body, however steadily it arrives; then '
+                             '408 and close (default: 60)')
     parser.add_argument('--shutdown_grace_seconds', type=non_negative_float, default=10.0,
                         help='on SIGTERM or Ctrl-C, how long requests in flight may take to finish before the '
                              'server exits (default: 10)')
@@ -726,6 +772,11 @@ def main(argv=None):
     parser.add_argument('--drift_window', type=drift_window, default=200,
                         help='inputs (images) in the drift monitor\'s sliding window, at least 20; 0 turns the '
                              'monitor off (default: 200; see docs/monitoring.md)')
+    parser.add_argument('--tensorflow_inter_op_parallelism', type=non_negative_int, default=0,
+                        help='threads TensorFlow runs independent ops in; 0 picks the larger of 8 and the number of '
+                             'CPUs, so that image decoding leaves threads free for small predicts (default: 0)')
+    parser.add_argument('--tensorflow_intra_op_parallelism', type=non_negative_int, default=0,
+                        help='threads one TensorFlow op may use; 0: one per CPU (default: 0)')
     parser.add_argument('--access_log', type=boolean, nargs='?', const=True, default=False,
                         help='write one line per request to stderr (default: false)')
     args = parser.parse_args(argv)

@@ -19,6 +19,7 @@ Example:
         --batching_parameters_file=batching.config
 """
 
+import argparse
 import functools
 import typing
 
@@ -112,3 +113,49 @@ def read_batching_parameters(path):
                 raise ConfigError(f'--batching_parameters_file {path}: {name} must be >= {lowest}, got {value}')
             values[name] = value
     return BatchingParameters(**values)
+
+
+# Types of command-line flags: each refuses a bad value with one line that says what it expected.
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}') from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f'expected a number >= 0, got {text!r}')
+    return value
+
+
+def positive_float(text):
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f'expected a number > 0, got {text!r}')
+    return value
+
+
+def port_number(text):
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f'expected a port 0-65535, got {text!r}')
+    return int(text)
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
+    return int(text)
+
+
+def non_negative_int(text):
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+    return int(text)
+
+
+def boolean(text):
+    """TF Serving's boolean flags: --flag, --flag=true or --flag=false."""
+    if text.lower() in ('true', '1'):
+        return True
+    if text.lower() in ('false', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f'expected true or false, got {text!r}')

@@ -8,10 +8,20 @@ parts of a chain can read one request differently (request smuggling). Request b
 body the application does not read (a GET with a body) is dropped and the next request on the connection is read
 right. `ModelServerProtocol` adds what uvicorn leaves out, each with a clean HTTP reply and a JSON body:
 
-- at most `max_connections` connections at a time: one over that gets 503 at once and is closed;
+- at most `max_connections` connections at a time, counted from their accept() to their close, so that lingering
+  ones count too: one over that gets 503 right at accept(), before asyncio makes a transport for it, and is closed
+  (`GuardedSocket`). So the server never runs out of descriptors (model_server.py lowers the cap below the
+  descriptor limit): at EMFILE asyncio stops accepting for a second at a time, and new clients would wait in the
+  listen queue instead of being answered;
 - a total time for a request's head (`header_timeout_seconds`, against clients that send a byte now and then), and
   at most MAX_HEADER_BYTES of it: 408 or 431;
-- a time without progress while a body arrives (`body_timeout_seconds`): 408;
+- a time without progress while a body arrives (`body_timeout_seconds`), and a total time for the whole body
+  (`body_deadline_seconds`, against clients that send a byte now and then): 408;
+- back-pressure on pipelined requests: while a connection's finished but unsent replies are over MAX_UNSENT_BYTES
+  (the client does not read them), or requests it pipelined wait for their turn, the connection is not read; it is
+  read again once the client has read its replies. A connection whose replies stay unread for
+  `body_timeout_seconds` is closed. So a client that never reads costs at most one read's worth of queued requests
+  and MAX_UNSENT_BYTES of replies;
 - a client that ends its side of the connection in the middle of a body gets 400 (the application sees
   scope[TRUNCATED] set), and one that ends it after a whole request still gets its answer;
 - when the server closes a connection on which the client may still be sending (a 413 before the body was read), it
@@ -37,6 +47,7 @@ import typing
 
 import httptools
 import uvicorn
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from serving_log import log_line
@@ -48,6 +59,12 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_HEADERS = 100
 LINGER_SECONDS = 5
 LINGER_IDLE_SECONDS = 1
+# Reads of what a client refused at accept() already sent, before its connection is closed (see refuse_at_accept).
+REFUSAL_DRAIN_READS = 16
+# A connection is not read while more reply bytes than this wait to be sent on it (the client does not read them).
+# Larger than the largest usual reply (a 100-image predict answers about 14 KB), so a client that reads its replies
+# never waits for this.
+MAX_UNSENT_BYTES = 64 * 1024
 SERVER_NAME = 'mnist-model-server'
 # Set in an HTTP scope when the client ended its side of the connection before the end of the request's body.
 TRUNCATED = 'mnist_model.truncated'
@@ -63,6 +80,7 @@ class HttpLimits(typing.NamedTuple):
     max_connections: int = 1024
     header_timeout_seconds: float = 10.0
     body_timeout_seconds: float = 30.0
+    body_deadline_seconds: float = 60.0
     keep_alive_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
 
@@ -89,6 +107,62 @@ def error_response(status, message):
     return head.encode('latin-1') + body
 
 
+class GatedFlowControl(FlowControl):
+    """uvicorn's flow control, whose resume_reading (which uvicorn calls whenever a request wants more of its body,
+    and after every reply) resumes only when the protocol allows it: not while requests pipelined on the connection
+    wait for their turn, nor while its unsent replies are over MAX_UNSENT_BYTES. Without this, every reply
+    resumed reading, and a client that pipelined requests without reading the replies made the server queue them
+    without end (80 000 one-row predicts: +393 MB)."""
+
+    def __init__(self, transport, protocol):
+        super().__init__(transport)
+        self.protocol = protocol
+
+    def resume_reading(self):
+        if self.protocol.may_read():
+            super().resume_reading()
+
+
+class GuardedSocket(socket.socket):
+    """The listening socket, whose accept() refuses connections over `max_connections` itself: asyncio accepts up to
+    BACKLOG connections in one go before any protocol sees them, so a cap checked in connection_made came too late
+    to keep the descriptors free. `open_connections` counts the connections accepted and not yet lost (the protocol
+    decrements it); `on_refused` is called with the client address of each one refused."""
+
+    max_connections = 1024
+    open_connections = 0
+    on_refused = None
+
+    def accept(self):
+        while True:
+            connection, address = super().accept()  # BlockingIOError once no connection waits: asyncio stops
+            if self.open_connections < self.max_connections:
+                self.open_connections += 1
+                return connection, address
+            refuse_at_accept(connection, error_response(
+                503, f'the server has its limit of {self.max_connections} connections open (--max_connections): '
+                     'try again later'))
+            if self.on_refused is not None:
+                self.on_refused(address, 503)
+
+
+def refuse_at_accept(connection, reply):
+    """Send a refusal on a just-accepted connection and close it. What the client already sent is read first (a
+    few reads, without waiting), so that the close ends the connection in order and the client reads the reply
+    rather than a reset."""
+    try:
+        connection.setblocking(False)
+        connection.send(reply)  # a fresh connection's send buffer holds it
+        connection.shutdown(socket.SHUT_WR)
+        for _ in range(REFUSAL_DRAIN_READS):
+            if not connection.recv(65536):
+                break
+    except OSError:  # BlockingIOError: nothing more to read now; or the client has gone
+        pass
+    finally:
+        connection.close()
+
+
 class LingeringTransport:
     """The transport as uvicorn's request cycle sees it: close() goes through the protocol, which lingers when the
     client may still be sending. Everything else is the real transport's."""
@@ -112,11 +186,16 @@ class ModelServerProtocol(HttpToolsProtocol):
 
     limits = HttpLimits()
     on_bad_request = None
+    listener = None  # the GuardedSocket, whose count of open connections connection_lost lowers
 
     def connection_made(self, transport):
         super().connection_made(transport)
         self.real_transport = transport
         self.transport = LingeringTransport(transport, self)
+        # The transport calls pause_writing above MAX_UNSENT_BYTES, and resume_writing once under a quarter of it.
+        transport.set_write_buffer_limits(high=MAX_UNSENT_BYTES)
+        self.flow = GatedFlowControl(transport, self)
+        self.send_timer = None
         self.lingering = False
         self.linger_timer = None
         self.linger_deadline = 0.0
@@ -127,11 +206,7 @@ class ModelServerProtocol(HttpToolsProtocol):
         self.field_count = 0
         self.request_bytes_seen = False
         self.timer = None
-        if len(self.connections) > self.limits.max_connections:
-            self.connections.discard(self)
-            self.refuse(503, f'the server has its limit of {self.limits.max_connections} connections open '
-                             '(--max_connections): try again later')
-            return
+        self.body_deadline = 0.0
         # The time to the first request counts as header time, so a client that connects and sends nothing is
         # closed as well.
         self.set_timer(self.limits.header_timeout_seconds, self.head_timed_out)
@@ -158,6 +233,11 @@ class ModelServerProtocol(HttpToolsProtocol):
         else:
             self.real_transport.close()
 
+    def set_body_timer(self):
+        """The body's timer: body_timeout_seconds from now, but never past the body's deadline."""
+        remaining = self.body_deadline - self.loop.time()
+        self.set_timer(max(0.0, min(self.limits.body_timeout_seconds, remaining)), self.body_timed_out)
+
     def body_timed_out(self):
         self.timer = None
         cycle = self.cycle
@@ -166,7 +246,11 @@ class ModelServerProtocol(HttpToolsProtocol):
         # The application's receive() now returns http.disconnect, and its reply would go nowhere.
         cycle.disconnected = True
         cycle.message_event.set()
-        self.refuse(408, f'no part of the request body arrived for {self.limits.body_timeout_seconds:g} s')
+        if self.loop.time() >= self.body_deadline - 0.001:
+            self.refuse(408, f'the request body did not arrive within {self.limits.body_deadline_seconds:g} s '
+                             '(--body_deadline_seconds)')
+        else:
+            self.refuse(408, f'no part of the request body arrived for {self.limits.body_timeout_seconds:g} s')
 
     # Parser callbacks: uvicorn's, plus the bounds on the head and the timers.
 
@@ -192,13 +276,14 @@ class ModelServerProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self):
         self.head_done = True
-        self.set_timer(self.limits.body_timeout_seconds, self.body_timed_out)
+        self.body_deadline = self.loop.time() + self.limits.body_deadline_seconds
+        self.set_body_timer()
         self.scope[IN_FLIGHT] = self.tasks
         super().on_headers_complete()
 
     def on_body(self, body):
-        if self.timer is not None and self.limits.body_timeout_seconds > 0:
-            self.set_timer(self.limits.body_timeout_seconds, self.body_timed_out)
+        if self.timer is not None:
+            self.set_body_timer()
         super().on_body(body)
 
     def on_message_complete(self):
@@ -261,11 +346,43 @@ class ModelServerProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc):
         self.clear_timer()
+        self.clear_send_timer()
         if self.linger_timer is not None:
             self.linger_timer.cancel()
             self.linger_timer = None
+        if self.listener is not None:
+            self.listener.open_connections -= 1
         self.lingering = True  # whatever uvicorn closes now is closed at once
         super().connection_lost(exc)
+
+    # Back-pressure: the transport calls these when the unsent replies cross MAX_UNSENT_BYTES and fall back.
+
+    def may_read(self):
+        """Whether the connection may be read: always while lingering; otherwise not while pipelined requests
+        wait or unsent replies are over MAX_UNSENT_BYTES."""
+        return self.lingering or not (self.pipeline or self.flow.write_paused)
+
+    def pause_writing(self):
+        self.flow.pause_writing()
+        self.flow.pause_reading()
+        if self.send_timer is None and not self.lingering:
+            self.send_timer = self.loop.call_later(self.limits.body_timeout_seconds, self.send_timed_out)
+
+    def resume_writing(self):
+        self.clear_send_timer()
+        self.flow.resume_writing()
+        self.flow.resume_reading()
+
+    def clear_send_timer(self):
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def send_timed_out(self):
+        """The client read none of its replies for body_timeout_seconds: drop them and the connection (close()
+        would wait for them to be sent)."""
+        self.send_timer = None
+        self.real_transport.abort()
 
     def shutdown(self):
         """The server stops: close idle connections now, the others once their reply is out."""
@@ -381,8 +498,13 @@ def serve_app(app, sock, limits, on_bad_request=None, on_stopping=None):
     """Serve the ASGI app on the listening socket until SIGINT or SIGTERM; returns once stopped. on_bad_request is
     called (in the event loop) for each request this layer refuses, on_stopping (in the signal handler) when the
     first signal arrives."""
+    # The listening socket as a GuardedSocket (the same descriptor), which enforces max_connections at accept().
+    listener = GuardedSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    listener.max_connections = limits.max_connections
+    listener.on_refused = on_bad_request
+    on_bad_request = staticmethod(on_bad_request) if on_bad_request else None
     protocol = type('BoundModelServerProtocol', (ModelServerProtocol,),
-                    {'limits': limits, 'on_bad_request': staticmethod(on_bad_request) if on_bad_request else None})
+                    {'limits': limits, 'on_bad_request': on_bad_request, 'listener': listener})
     logger = logging.getLogger('uvicorn.error')
     logger.handlers = [UvicornLogHandler()]
     logger.setLevel(logging.WARNING)
@@ -393,4 +515,4 @@ def serve_app(app, sock, limits, on_bad_request=None, on_stopping=None):
                             timeout_graceful_shutdown=limits.shutdown_grace_seconds)
     server = Server(config)
     server.on_stopping = on_stopping
-    server.run(sockets=[sock])
+    server.run(sockets=[listener])

@@ -6,6 +6,8 @@ are JSON strings or {"b64": "..."}; string outputs whose name ends in `_bytes` g
 Serving does. Numbers are checked against the signature's dtype and shape before any TensorFlow call, so a
 malformed request fails on its own and never inside a batch of other clients' requests.
 
+Compressed bodies are inflated by `gunzip`, within the body limit whatever the compression ratio.
+
 Example:
     request = read_predict_request(served, orjson.loads(body))
     reply_bytes = encode_predict_reply(outputs, request.row_format)
@@ -16,6 +18,8 @@ import binascii
 import json
 import re
 import typing
+
+import zlib
 
 import numpy as np
 import orjson
@@ -29,6 +33,10 @@ FAST_DTYPES = {np.dtype(name) for name in ('float32', 'float64', 'int8', 'int16'
 
 # The JSON extension tokens TF Serving accepts; orjson refuses them.
 NON_FINITE_TOKEN = re.compile(rb'NaN|Infinity')
+# A gzip body is read in pieces this large, so that each member's leftover input (which zlib copies) stays small
+# and many small members cost time in proportion to their bytes; and it may hold at most this many members.
+GZIP_PIECE_BYTES = 4096
+MAX_GZIP_MEMBERS = 1000
 # Nesting deeper than this is refused in string inputs of unknown rank (numpy arrays have at most 64 dimensions).
 MAX_STRING_NESTING = 32
 
@@ -46,6 +54,41 @@ class PredictRequest(typing.NamedTuple):
     signature_name: str
     arrays: dict          # input name -> numpy array matching the signature's dtype and shape
     row_format: bool
+
+
+def gunzip(data, limit):
+    """Decompress a gzip body (one or more members) into at most `limit` bytes, or raise RequestError. Decompressing
+    stops at the limit, so a small body that would inflate to gigabytes (a decompression bomb) costs no more than a
+    body at the limit; the input is fed in GZIP_PIECE_BYTES pieces, so the time grows with the body's size alone,
+    however many members it holds (at most MAX_GZIP_MEMBERS)."""
+    view = memoryview(data)
+    parts, size, position, members = [], 0, 0, 0
+    decompressor, pending = None, b''
+    while pending or position < len(view):
+        if not pending:
+            pending = view[position:position + GZIP_PIECE_BYTES]
+            position += len(pending)
+        if decompressor is None:
+            members += 1
+            if members > MAX_GZIP_MEMBERS:
+                raise RequestError(400, f'the gzip request body has more than {MAX_GZIP_MEMBERS} members')
+            decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            part = decompressor.decompress(pending, limit + 1 - size)
+        except zlib.error as error:
+            raise RequestError(400, f'the gzip request body cannot be decompressed: {error}') from None
+        size += len(part)
+        if size > limit:
+            raise RequestError(413, f'the gzip request body decompresses to more than the limit of {limit} bytes '
+                                    '(--max_request_bytes)')
+        parts.append(part)
+        if decompressor.eof:
+            pending, decompressor = decompressor.unused_data, None
+        else:
+            pending = b''
+    if decompressor is not None:
+        raise RequestError(400, 'the gzip request body is truncated')
+    return b''.join(parts)
 
 
 def parse_json(raw_body):

@@ -37,18 +37,28 @@ def run_script(*args, cwd=REPO, timeout=300, env=None):
 
 def read_reply(connection):
     """Read one HTTP reply from a socket: (status line, headers as a dict of lower-cased names and values, body
-    bytes)."""
-    data = b''
-    while b'\r\n\r\n' not in data:
-        chunk = connection.recv(65536)
-        assert chunk, f'connection closed before a full reply: {data!r}'
+    bytes). Bytes of a next reply that arrive with it are dropped: read pipelined replies with read_replies."""
+    return read_replies(connection, 1)[0]
+
+
+def read_replies(connection, count):
+    """Read `count` consecutive HTTP replies from a socket (pipelined replies may arrive in one piece), each as
+    read_reply returns it."""
+    replies, data = [], b''
+    while len(replies) < count:
+        head_end = data.find(b'\r\n\r\n')
+        if head_end >= 0:
+            lines = data[:head_end].decode('latin-1').split('\r\n')
+            headers = dict(line.lower().split(': ', 1) for line in lines[1:])
+            end = head_end + 4 + int(headers['content-length'])
+            if len(data) >= end:
+                replies.append((lines[0], headers, data[head_end + 4:end]))
+                data = data[end:]
+                continue
+        chunk = connection.recv(1 << 20)
+        assert chunk, f'connection closed after {len(replies)} full replies: {data[:200]!r}'
         data += chunk
-    head, _, body = data.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    headers = dict(line.lower().split(': ', 1) for line in lines[1:])
-    while len(body) < int(headers['content-length']):
-        body += connection.recv(65536)
-    return lines[0], headers, body
+    return replies
 
 
 @pytest.fixture(scope='session')

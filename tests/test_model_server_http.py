@@ -25,7 +25,7 @@ import pytest
 import requests
 
 import model_server
-from conftest import read_reply
+from conftest import read_replies, read_reply
 
 MAX_CONNECTIONS = 8
 METRICS_PATH = '/monitoring/prometheus/metrics'
@@ -150,8 +150,7 @@ def test_a_body_sent_with_a_get_is_read_and_dropped_and_the_connection_stays_in_
         connection.sendall(b'GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\nContent-Length: 26\r\n\r\n'
                            b'GET /smuggled HTTP/1.1\r\n\r\n'
                            b'GET /v1/models/mnist/versions/1/metadata HTTP/1.1\r\nHost: x\r\n\r\n')
-        first = read_reply(connection)
-        second = read_reply(connection)
+        first, second = read_replies(connection, 2)
     assert first[0] == 'HTTP/1.1 200 OK' and 'model_version_status' in json.loads(first[2])
     assert second[0] == 'HTTP/1.1 200 OK' and json.loads(second[2])['model_spec']['version'] == '1'
 
