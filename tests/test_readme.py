@@ -171,6 +171,6 @@ def test_step_7_runs_top_to_bottom_from_the_top_folder(tmp_path, model_base_dir)
     # The metrics of the same server count the requests above.
     assert re.search(r'^:tensorflow:serving:request_count\{.*\} [1-9]', stdout[end:].lstrip(), re.MULTILINE), stdout
     # Step 10's look at the drift monitor: its window, and the served version it watches.
-    drift, end = decoder.raw_decode(stdout, stdout.index('{"model_name"', end))
+    drift, end = decoder.raw_decode(stdout, re.search(r'\{\s*"model_name"', stdout[end:]).start() + end)
     assert drift['window'] == 200 and drift['model_name'] == 'mnist'
     assert 'Traceback' not in stderr
