@@ -399,7 +399,7 @@ class RestApp:
                 exchange.payload = encode_predict_reply(outputs, request.row_format)
             else:
                 exchange.payload = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, encode_predict_reply, outputs, request.row_format)
+                    self.workers.pool, encode_predict_reply, outputs, request.row_format)
         except Exception as error:
             self.fail(exchange, method, path, error)
 

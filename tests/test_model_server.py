@@ -162,6 +162,12 @@ def test_row_and_columnar_formats_agree_and_find_the_digits(served):
     assert unnamed['outputs']['digit'] == digits[:2]
     named_rows = post(served['url'] + ':predict', {'instances': [{'pixels': row} for row in images[:3].tolist()]})
     assert [item['digit'] for item in named_rows.json()['predictions']] == digits[:3]
+    # A reply too large to write in the event loop (over INLINE_REPLY_VALUES numbers) is written in a worker thread:
+    # 400 small PNGs (the body stays under this server's --max_request_bytes) give the same answers.
+    pictures = [b64(png_bytes(read_digit(number))) for number in range(10)] * 40
+    many = post(served['url'] + ':predict', {'signature_name': 'predict_image', 'instances': pictures})
+    assert many.status_code == 200, many.text
+    assert [item['digit'] for item in many.json()['predictions']] == digits * 40
 
 
 def test_png_bytes_give_the_same_digits_even_inverted_or_rgb(served):
