@@ -128,7 +128,11 @@ def run_process(command):
 
 
 def train_once(export_dir, log_dir, seed):
-    """Run mnist.py once; return accuracy, training seconds (run.json), wall seconds and peak RSS in MB."""
+    """Run mnist.py once into a fresh serving folder inside export_dir (the first version, as on a fresh clone: the
+    same model again would be declined as identical); return accuracy, training seconds (run.json), wall seconds and
+    peak RSS in MB."""
+    os.makedirs(export_dir, exist_ok=True)
+    export_dir = tempfile.mkdtemp(prefix='round-', dir=export_dir)
     command = [sys.executable, os.path.join(REPO, 'mnist_model', 'mnist.py'), *TUNED_FLAGS, f'--seed={seed}',
                '--export_dir', export_dir, '--log_dir', log_dir]
     text, wall, peak_rss = run_process(command)
