@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,6 @@ import time
 
 import pytest
 import yaml
-from conftest import set_recorded_accuracy
 
 import mnist_hyper_tuning as tuning
 import trial_output
@@ -522,16 +520,6 @@ def test_a_trial_exporting_into_a_hostile_folder_reports_its_real_accuracy(small
     assert trial_output.MASK + 'accuracy=0.999000' in result.stderr.splitlines(), result.stderr
     assert 0.999 in katib_values(merged, [KATIB_DEFAULT_FORMAT])['accuracy']
     assert os.listdir(export_dir) == ['1']
-
-
-def test_a_trial_against_a_hostile_served_record_reports_its_real_accuracy(small_data_path, reference_trial,
-                                                                           model_base_dir, tmp_path):
-    # The served version's run.json says its accuracy is a text that quotes metric lines.
-    serving_dir = tmp_path / 'serving'
-    shutil.copytree(model_base_dir, serving_dir)
-    set_recorded_accuracy(str(serving_dir / '1'), 'accuracy=9\naccuracy=0.999000\n')
-    result = run_script(TINY_TRIAL + [f'--data={small_data_path}', f'--export_dir={serving_dir}'])
-    check_trial_reports_its_own_metrics(result, reference_trial, tmp_path)
 
 
 def test_local_tuner_runs_trials_in_parallel_and_reports_the_best(small_data_path, tmp_path):

@@ -73,12 +73,12 @@ def test_the_baseline_is_the_version_a_server_would_load(serving_dir, model_vari
 
 def test_concurrent_promotions_never_leave_a_worse_model_above_a_better_one(tmp_path, exported_candidate,
                                                                           model_variants):
-    # The worse model is served; six processes promote the middle and the better model (three each) at one instant,
+    # The worse model is served; four processes promote the middle and the better model (two each) at one instant,
     # as hard as their decisions can race. Half of them act as pods on other hosts mounting the same volume, which
     # cannot tell whether the others still run.
     serving = str(tmp_path / 'serving')
     shutil.copytree(model_variants['worse'], os.path.join(serving, '1'))
-    racers = [exported_candidate, model_variants['better']] * 3
+    racers = [exported_candidate, model_variants['better']] * 2
     processes = start_promoters(racers, SMALL_DATASET['path'], serving, str(tmp_path), environment=lambda index: {
         'PYTHONPATH': FAULTS, 'PROMOTE_HOSTNAME': f'pod-{index}' if index % 2 else ''})
     results = [process.communicate(timeout=300) for process in processes]
