@@ -485,17 +485,16 @@ def test_trial_that_did_not_learn_reports_its_metrics_and_warns(small_data_path,
     assert '--learning_rate 50 is probably too high' in captured.err
 
 
-@pytest.fixture(scope='module')
-def reference_trial(small_data_path):
-    """The metric lines of a tiny trial with no export: what the hostile trials below must report, since the same
-    flags and seed train the same model."""
-    result = run_script(TINY_TRIAL + [f'--data={small_data_path}'])
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+def measured_metric_lines(version_dir):
+    """The metric lines a trial must print for the version it exported: its run record holds the accuracy the gate
+    measured through the exported SavedModel (equal to the trainer's to the last digit) and evaluate's loss."""
+    with open(os.path.join(version_dir, 'assets.extra', 'run.json')) as record_file:
+        record = json.load(record_file)
+    return f'accuracy={record["accuracy"]:.6f}\nloss={record["loss"]:.6f}\n'
 
 
 def check_trial_reports_its_own_metrics(result, reference, tmp_path):
-    """The trial's stdout is its two metric lines, the same as the reference trial's; Katib and the local tuner read
+    """The trial's stdout is its two metric lines, the reference's; Katib and the local tuner read
     exactly those from its merged output, wherever the trial's other lines quote the hostile text."""
     assert result.returncode == 0, result.stderr
     assert result.stdout == reference and len(metric_lines(reference)) == 2
@@ -509,12 +508,12 @@ def check_trial_reports_its_own_metrics(result, reference, tmp_path):
     return merged
 
 
-def test_a_trial_exporting_into_a_hostile_folder_reports_its_real_accuracy(small_data_path, reference_trial,
-                                                                           tmp_path):
+def test_a_trial_exporting_into_a_hostile_folder_reports_its_real_accuracy(small_data_path, tmp_path):
     # The folder's name holds a metric pair, and a line break then a whole metric line.
     export_dir = tmp_path / 'accuracy=0.999' / 'x\naccuracy=0.999000\n' / 'models'
     result = run_script(TINY_TRIAL + [f'--data={small_data_path}', f'--export_dir={export_dir}'])
-    merged = check_trial_reports_its_own_metrics(result, reference_trial, tmp_path)
+    assert result.returncode == 0, result.stderr
+    merged = check_trial_reports_its_own_metrics(result, measured_metric_lines(export_dir / '1'), tmp_path)
     # The promotion line names the folder, so its line break reached stderr: masked there. Katib's default pattern
     # would have read 0.999 from it.
     assert trial_output.MASK + 'accuracy=0.999000' in result.stderr.splitlines(), result.stderr
