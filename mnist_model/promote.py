@@ -133,10 +133,11 @@ def served_versions(serving_dir):
             for version in reversed(serving_folder.versions(serving_dir))]
 
 
-def judge_now(export_dir, serving_dir, test_split, rule, candidate=None):
-    """The gate's verdict on the candidate against the version a server would serve now (evidence.gate), with a line
-    on stderr for each newer version passed over because it cannot be loaded or run."""
-    verdict = evidence.gate(export_dir, served_versions(serving_dir), test_split, rule, candidate=candidate)
+def judge_now(export_dir, versions, test_split, rule, candidate=None):
+    """The gate's verdict on the candidate against the served versions (served_versions(), newest first: the first
+    that loads is the champion), with a line on stderr for each newer version passed over because it cannot be loaded
+    or run."""
+    verdict = evidence.gate(export_dir, versions, test_split, rule, candidate=candidate)
     for line in verdict.passed_over:
         print(f'warning: {line}', file=sys.stderr, flush=True)
     return verdict
@@ -200,13 +201,14 @@ def decide_and_install(export_dir, test_split, rule, model_version, progress):
     for line in serving_folder.clean_staging(serving_dir):
         print(line, file=sys.stderr, flush=True)
     looked_at = served_versions(serving_dir)
-    verdict = judge_now(export_dir, serving_dir, test_split, rule)
+    verdict = judge_now(export_dir, looked_at, test_split, rule)
     if verdict.reason:
         return verdict
     owner_path = stage(export_dir, serving_dir, progress)
     still_held, progress.release = serving_folder.lock(serving_dir)
-    if served_versions(serving_dir) != looked_at:
-        verdict = judge_now(export_dir, serving_dir, test_split, rule, candidate=verdict.candidate)
+    served_now = served_versions(serving_dir)
+    if served_now != looked_at:
+        verdict = judge_now(export_dir, served_now, test_split, rule, candidate=verdict.candidate)
     if not verdict.reason:
         install(progress, read_run_record(export_dir), owner_path, model_version, verdict)
         if not still_held():
