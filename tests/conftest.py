@@ -29,6 +29,19 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def browser_for(purpose):
+    """A headless Chromium for a browser test (tests/page_driver.py); without one the test skips, and fails in CI."""
+    import page_driver
+
+    try:
+        return page_driver.Browser()
+    except (ImportError, LookupError) as error:
+        reason = f'no browser to {purpose}: {error}'
+        if os.environ.get('CI') == 'true':
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
 def run_script(*args, cwd=REPO, timeout=300, env=None):
     """Run a Python script of the repository as a user would, returning the finished process."""
     return subprocess.run([PYTHON, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,

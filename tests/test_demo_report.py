@@ -14,7 +14,7 @@ import pytest
 
 import demo_report
 import report_page
-from conftest import REPO
+from conftest import REPO, browser_for
 
 HOSTILE_TEXT = '<script>alert(1)</script>"><img src=x onerror=alert(2)>\' onmouseover=\'alert(3)'
 # What a malformed numeric field holds: a text, null, NaN, a list, a boolean, an object.
@@ -152,13 +152,7 @@ def test_a_summary_that_is_not_an_object_is_one_error_line(tmp_path, capsys):
 
 
 def test_a_stage_that_did_not_run_shows_its_commands_on_lines_of_their_own_in_a_browser(tmp_path):
-    try:
-        browser = report_page.page_driver.Browser()
-    except (ImportError, LookupError) as error:
-        reason = f'no browser to read the report: {error}'
-        if os.environ.get('CI') == 'true':
-            pytest.fail(reason)
-        pytest.skip(reason)
+    browser = browser_for('read the report')
     path = write_summary(tmp_path, demo_summary())
     assert demo_report.main([str(path)]) == 0
     try:

@@ -15,7 +15,7 @@ import pytest
 
 import demo_report
 import report_page
-from conftest import REPO
+from conftest import REPO, browser_for
 
 RUN_DEMO = os.path.join(REPO, 'run_demo.py')
 STAGES = ['train', 'pipeline', 'tune', 'retrain', 'serve', 'notebook', 'drift', 'stop']
@@ -198,13 +198,7 @@ def test_the_drift_stage_shows_clean_traffic_calm_and_rotated_digits_alerted(qui
 
 
 def test_the_report_reads_whole_words_in_a_browser_at_1280_and_1920_px(quick_demo):
-    try:
-        browser = report_page.page_driver.Browser()
-    except (ImportError, LookupError) as error:
-        reason = f'no browser to read the report: {error}'
-        if os.environ.get('CI') == 'true':
-            pytest.fail(reason)
-        pytest.skip(reason)
+    browser = browser_for('read the report')
     found = {}
     try:
         for width in report_page.WIDTHS:
