@@ -3,11 +3,13 @@
 The stages follow the demo's order, each one the repository's own command line in a process of its own:
 train (the notebook's first `python3 mnist.py`) -> pipeline (the weekly pipeline run on a short budget, a quarter of
 the training steps: compiled, run with kfp's LocalClient and delivered under the promotion rule, which declines its
-worse model and keeps the served version) -> tune (the local tuner) -> retrain (with the best trial's values: served
-only if better) -> serve (the local model server, checked on the test set) -> notebook (model_serve.ipynb headless,
-and the ten test PNGs sent to predict_image) -> drift (clean, then rotated test digits sent one by one: the drift
-monitor's scores and the moment its alert starts) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
-report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
+worse model and keeps the served version), with tune beside it (the local tuner, started with the pipeline as a
+Katib experiment runs beside scheduled pipeline runs: the pipeline's steps use one core, the trials the other) ->
+retrain (with the best trial's values: served only if better) -> serve (the local model server, checked on the test
+set) -> notebook (model_serve.ipynb headless, and the ten test PNGs sent to predict_image) -> drift (clean, then
+rotated test digits sent one by one: the drift monitor's scores and the moment its alert starts) -> stop. Every new
+version goes to one serving folder, by default a fresh one inside the report folder, so the demo never touches
+mnist_model/<versions> unless --serving_dir says so.
 
     python3 run_demo.py                  # the whole demo on the full data: about 2 minutes on 2 cores
     python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): about a minute
@@ -22,7 +24,6 @@ import base64
 import datetime
 import json
 import os
-import queue
 import re
 import shlex
 import signal
@@ -56,7 +57,7 @@ STAGES = (
     ('train', 'Train in a notebook', 'python3 mnist_model/mnist.py   # in the Kubeflow notebook\'s terminal'),
     ('pipeline', 'Weekly pipeline run on a short budget, run locally',
      'python3 mnist_model/mnist_pipeline.py --host <KFP URL> --upload --run --schedule --serving_pvc <notebook pvc>'),
-    ('tune', 'Tune the hyperparameters',
+    ('tune', 'Tune the hyperparameters, beside the pipeline run',
      'python3 mnist_hyper_tuning.py --katib-experiment --image <registry>/jupyter/mnist-tensorflow-cpu:1.0.0 '
      '--namespace <namespace> -o my-experiment.yaml && kubectl apply -f my-experiment.yaml'),
     ('retrain', 'Retrain with the tuned values', 'python3 mnist_model/mnist.py <the best trial\'s flags>   # in the '
@@ -114,17 +115,22 @@ class StageFailed(Exception):
     """A stage ended badly; the message is the one line the user sees."""
 
 
+class RunningCommand:
+    """A stage's command while it runs: its process, its log file, the lines it printed so far."""
+
+    def __init__(self, name, process, log):
+        self.name = name
+        self.process = process
+        self.log = log
+        self.output = []
+        self.thread = None
+        self.started = self.last_shown = time.monotonic()
+
+
 def display_path(path):
     """A path as a user types it from the repository's top folder."""
     relative = os.path.relpath(os.path.abspath(path), REPO)
     return path if relative.startswith(os.pardir) else relative
-
-
-def forward_lines(stream, lines):
-    """Put every line of a stream on a queue, then None: the main thread waits on the queue with a timeout."""
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
 
 
 def raise_keyboard_interrupt(signal_number, frame):
@@ -159,8 +165,16 @@ class Demo:
         self.kfp2_python = kfp2_python
         self.serving_dir = serving_dir
         self.quick = quick
-        self.echo = echo
-        self.process = None
+        # Two stages' commands may print at once (the tuning runs beside the pipeline): one line at a time.
+        echo_lock = threading.Lock()
+
+        def echo_line(line):
+            with echo_lock:
+                echo(line)
+        self.echo = echo_line
+        self.running = []             # the RunningCommands started and not yet finished
+        self.tuning = None            # the tuner's RunningCommand, from its start beside the pipeline to its end
+        self.stage_started = {}       # stage name -> when it began, while it runs
         self.server = None
         self.started = time.monotonic()
         self.data_flags = []
@@ -179,44 +193,54 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ running commands
 
-    def run_command(self, name, argv, environment=None):
-        """Run one command of a stage from the repository folder, with its output in the stage's log and its
-        progress on the terminal; returns its output lines. StageFailed if it exits non-zero."""
+    def start_command(self, name, argv, environment=None):
+        """Start one command of a stage from the repository folder, with a thread copying its output to the stage's
+        log and its progress to the terminal; finish_command waits for it."""
         stage = self.stage(name)
         stage['commands'].append(shlex.join(argv))
-        log_path = os.path.join(self.report_dir, stage['log'])
-        lines = queue.Queue()
-        with open(log_path, 'a', encoding='utf-8') as log:
-            log.write(f'$ {shlex.join(argv)}\n')
-            log.flush()
-            # Its own session: Ctrl-C reaches this script only, which then stops the stage in order.
-            self.process = subprocess.Popen(
-                [sys.executable if argv[0] == 'python3' else argv[0]] + argv[1:], cwd=REPO,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
-                env=dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2', **(environment or {})))
-            threading.Thread(target=forward_lines, args=(self.process.stdout, lines), daemon=True).start()
-            output, last_shown, started = [], time.monotonic(), time.monotonic()
-            while True:
-                try:
-                    line = lines.get(timeout=1.0)
-                except queue.Empty:
-                    if time.monotonic() - last_shown >= QUIET_SECONDS:
-                        self.echo(f'  [{name}] still running: {time.monotonic() - started:.0f} s of wall time so far')
-                        last_shown = time.monotonic()
-                    continue
-                if line is None:
-                    break
-                log.write(line)
-                output.append(line.rstrip('\n'))
+        log = open(os.path.join(self.report_dir, stage['log']), 'a', encoding='utf-8')
+        log.write(f'$ {shlex.join(argv)}\n')
+        log.flush()
+        # Its own session: Ctrl-C reaches this script only, which then stops the stage in order.
+        process = subprocess.Popen(
+            [sys.executable if argv[0] == 'python3' else argv[0]] + argv[1:], cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+            env=dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2', **(environment or {})))
+        command = RunningCommand(name, process, log)
+        command.thread = threading.Thread(target=self.copy_output, args=(command,), daemon=True)
+        command.thread.start()
+        self.running.append(command)
+        return command
+
+    def copy_output(self, command):
+        """Every line of a command's output to its log and its list, and all but the noise to the terminal."""
+        with command.log:
+            for line in command.process.stdout:
+                command.log.write(line)
+                command.output.append(line.rstrip('\n'))
                 if not NOISE.search(line):
-                    self.echo(f'  [{name}] {line.rstrip()}')
-                    last_shown = time.monotonic()
-            code = self.process.wait()
-            self.process = None
+                    self.echo(f'  [{command.name}] {line.rstrip()}')
+                    command.last_shown = time.monotonic()
+
+    def finish_command(self, command):
+        """Wait for a started command, with a "still running" line after each quiet spell; returns its output lines.
+        StageFailed if it exits non-zero."""
+        while command.thread.is_alive():
+            command.thread.join(1.0)
+            if command.thread.is_alive() and time.monotonic() - command.last_shown >= QUIET_SECONDS:
+                self.echo(f'  [{command.name}] still running: {time.monotonic() - command.started:.0f} s of wall '
+                          'time so far')
+                command.last_shown = time.monotonic()
+        code = command.process.wait()
+        self.running.remove(command)
         if code != 0:
-            last = next((line for line in reversed(output) if line.strip()), 'no output')
+            last = next((line for line in reversed(command.output) if line.strip()), 'no output')
             raise StageFailed(f'exit code {code}: {last.strip()[:300]}')
-        return output
+        return command.output
+
+    def run_command(self, name, argv, environment=None):
+        """Run one command of a stage and return its output lines (start_command, then finish_command)."""
+        return self.finish_command(self.start_command(name, argv, environment))
 
     def stop_process(self, process, signal_number=signal.SIGINT, timeout=30):
         """Stop a stage's process group as Ctrl-C would, so it cleans up; kill it if it does not end in time."""
@@ -312,14 +336,23 @@ class Demo:
             f'--serving_dir={display_path(self.serving_dir)}'])
         self.record_decisions('pipeline', output, served_before)
 
-    def tune(self):
+    def start_tune(self):
+        """Start the local tuner; tune() waits for it. It runs beside the pipeline stage, as a Katib experiment
+        runs beside the scheduled pipeline runs on a cluster: the pipeline's steps use one core, the trials the
+        other."""
         output_dir = os.path.join(self.report_dir, 'tuning')
         # Quick runs tune small, short trials; the full run searches the demo's whole space.
         space = ['--space=epoch=100:200:100', '--space=num_hidden_layer_1=64:128:64',
                  '--space=num_hidden_layer_2=64:128:64'] if self.quick else []
-        self.run_command('tune', ['python3', TUNER_PY, '--local', f'--max_trials={self.summary["trials"]}',
-                                  f'--parallel={self.summary["parallel"]}', '--seed=0', *space, *self.data_flags,
-                                  f'--output={display_path(output_dir)}'])
+        self.tuning = self.start_command('tune', [
+            'python3', TUNER_PY, '--local', f'--max_trials={self.summary["trials"]}',
+            f'--parallel={self.summary["parallel"]}', '--seed=0', *space, *self.data_flags,
+            f'--output={display_path(output_dir)}'])
+
+    def tune(self):
+        """Wait for the tuner started beside the pipeline and read its results."""
+        self.finish_command(self.tuning)
+        output_dir = os.path.join(self.report_dir, 'tuning')
         with open(os.path.join(output_dir, 'results.json'), encoding='utf-8') as results_file:
             results = json.load(results_file)
         succeeded = [trial for trial in results['trials'] if trial['status'] == 'succeeded']
@@ -537,7 +570,7 @@ class Demo:
     def write_report(self):
         """Write summary.json and report.html (each atomically) from what has run so far. seconds is the run's wall
         time from its start to this report (what the console's last line says too); stage_seconds the sum of the
-        stages' own wall times, the rest being the data preparation and the reports."""
+        stages' own wall times, more than seconds since the tuning runs beside the pipeline."""
         self.summary['seconds'] = round(time.monotonic() - self.started, 1)
         self.summary['stage_seconds'] = round(sum(stage['seconds'] or 0 for stage in self.summary['stages']), 1)
         documents = {'summary.json': json.dumps(self.summary, indent=2) + '\n',
@@ -548,8 +581,32 @@ class Demo:
                 file.write(text)
             os.replace(temporary, os.path.join(self.report_dir, name))
 
+    def begin(self, name):
+        stage = self.stage(name)
+        self.echo(f'[{name}] {stage["title"]} ...')
+        stage['status'] = 'running'
+        self.stage_started[name] = time.monotonic()
+
+    def end(self, name, status, error=None):
+        stage = self.stage(name)
+        stage['status'] = status
+        if error:
+            stage['error'] = error
+        stage['seconds'] = round(time.monotonic() - self.stage_started.pop(name), 1)
+
+    def stop_running(self, status, error):
+        """Stop every command still running (a stage started beside the one that stopped the run) and mark its
+        stage."""
+        for command in list(self.running):
+            self.stop_process(command.process)
+            self.running.remove(command)
+        for stage in self.summary['stages']:
+            if stage['status'] == 'running':
+                self.end(stage['name'], status, error)
+
     def run(self, keep_serving):
-        """Run every stage in order; returns the exit code (0, 1 for a failed stage, 130 for Ctrl-C)."""
+        """Run every stage in order, the tuning beside the pipeline; returns the exit code (0, 1 for a failed
+        stage, 130 for Ctrl-C)."""
         self.started = time.monotonic()
         os.makedirs(os.path.join(self.report_dir, 'logs'), exist_ok=True)
         self.prepare_data()
@@ -558,29 +615,28 @@ class Demo:
                  ('drift', self.drift), ('stop', lambda: self.stop(keep_serving))]
         code = 0
         for name, step in steps:
-            stage = self.stage(name)
-            self.echo(f'[{name}] {stage["title"]} ...')
-            started = time.monotonic()
-            stage['status'] = 'running'
             try:
+                if self.stage(name)['status'] != 'running':
+                    self.begin(name)
+                if name == 'pipeline':
+                    self.begin('tune')
+                    self.start_tune()
                 step()
-                stage['status'] = 'succeeded'
+                self.end(name, 'succeeded')
             except StageFailed as error:
-                stage['status'] = 'failed'
-                stage['error'] = str(error)
+                self.end(name, 'failed', str(error))
                 print(f'run_demo.py: error: stage {name} failed: {error} (log: '
-                      f'{display_path(os.path.join(self.report_dir, stage["log"]))})', file=sys.stderr, flush=True)
+                      f'{display_path(os.path.join(self.report_dir, self.stage(name)["log"]))})', file=sys.stderr,
+                      flush=True)
+                self.stop_running('stopped', f'stopped: stage {name} failed')
                 code = 1
             except KeyboardInterrupt:
-                stage['status'] = 'interrupted'
                 self.echo(f'[{name}] interrupted: stopping ...')
-                self.stop_process(self.process)
+                self.stop_running('interrupted', None)
                 code = 130
-            finally:
-                stage['seconds'] = round(time.monotonic() - started, 1)
             if code:
                 break
-            self.echo(f'[{name}] done in {stage["seconds"]:.1f} s of wall time')
+            self.echo(f'[{name}] done in {self.stage(name)["seconds"]:.1f} s of wall time')
             self.write_report()
         if code:
             # Nothing keeps running after a failure or Ctrl-C: the server is stopped too.
