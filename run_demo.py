@@ -4,12 +4,13 @@ The stages follow the demo's order, each one the repository's own command line i
 train (the notebook's first `python3 mnist.py`) -> pipeline (the weekly pipeline run on a short budget, a quarter of
 the training steps: compiled, run with kfp's LocalClient and delivered under the promotion rule, which declines its
 worse model and keeps the served version), with tune beside it (the local tuner, started with the pipeline as a
-Katib experiment runs beside scheduled pipeline runs: the pipeline's steps use one core, the trials the other) ->
-retrain (with the best trial's values: served only if better) -> serve (the local model server, checked on the test
-set) -> notebook (model_serve.ipynb headless, and the ten test PNGs sent to predict_image) -> drift (clean, then
-rotated test digits sent one by one: the drift monitor's scores and the moment its alert starts) -> stop. Every new
-version goes to one serving folder, by default a fresh one inside the report folder, so the demo never touches
-mnist_model/<versions> unless --serving_dir says so.
+Katib experiment runs beside scheduled pipeline runs; the pipeline's steps run one at a time, in one thread, and
+leave the other core to the trials) -> retrain (with the best trial's values: served only if better), with serve
+beside it (the local model server, up while the new model trains as a served model is: it loads the new version once
+the gate promotes it, and is checked on the test set) -> notebook (model_serve.ipynb headless, and the ten test PNGs
+sent to predict_image) -> drift (clean, then rotated test digits sent one by one: the drift monitor's scores and the
+moment its alert starts) -> stop. Every new version goes to one serving folder, by default a fresh one inside the
+report folder, so the demo never touches mnist_model/<versions> unless --serving_dir says so.
 
     python3 run_demo.py                  # the whole demo on the full data: about 2 minutes on 2 cores
     python3 run_demo.py --quick          # tiny sizes (a slice of the data, few steps): about a minute
@@ -62,7 +63,7 @@ STAGES = (
      '--namespace <namespace> -o my-experiment.yaml && kubectl apply -f my-experiment.yaml'),
     ('retrain', 'Retrain with the tuned values', 'python3 mnist_model/mnist.py <the best trial\'s flags>   # in the '
      'notebook'),
-    ('serve', 'Serve the model', "sed 's/<notebook-pvc>/<notebook pvc>/' mnist_model/kserve-inferenceservice.yaml "
+    ('serve', 'Serve the model, the server started beside the retraining', "sed 's/<notebook-pvc>/<notebook pvc>/' mnist_model/kserve-inferenceservice.yaml "
      "| kubectl apply -n <namespace> -f -"),
     ('notebook', 'Ask the model from the notebook',
      'open model_serve.ipynb in the Kubeflow notebook, set URL to the InferenceService\'s :predict URL, run all'),
@@ -338,8 +339,8 @@ class Demo:
 
     def start_tune(self):
         """Start the local tuner; tune() waits for it. It runs beside the pipeline stage, as a Katib experiment
-        runs beside the scheduled pipeline runs on a cluster: the pipeline's steps use one core, the trials the
-        other."""
+        runs beside the scheduled pipeline runs on a cluster: the pipeline's steps, one at a time, leave a core
+        idle."""
         output_dir = os.path.join(self.report_dir, 'tuning')
         # Quick runs tune small, short trials; the full run searches the demo's whole space.
         space = ['--space=epoch=100:200:100', '--space=num_hidden_layer_1=64:128:64',
@@ -371,42 +372,55 @@ class Demo:
         output = self.run_command('retrain', ['python3', MNIST_PY, *flags, *self.data_flags, *self.output_flags()])
         self.record_decisions('retrain', output, served_before)
 
-    def serve(self):
-        """Start the local model server on a free port, wait until it serves the newest version, and measure the
-        served model on the test set through its REST API."""
-        stage = self.stage('serve')
-        newest = self.served_version()
-        if newest is None:
-            raise StageFailed(f'no version to serve in {display_path(self.serving_dir)}')
-        log = open(os.path.join(self.report_dir, stage['log']), 'a', encoding='utf-8')
-        for _ in range(3):  # A port taken between choosing it and binding it is tried again with another one.
-            port = free_port()
-            argv = ['python3', SERVER_PY, f'--rest_api_port={port}',
-                    f'--model_base_path={display_path(self.serving_dir)}']
-            stage['commands'] = [shlex.join(argv)]
+    def start_server(self):
+        """Start the local model server on a free port over the serving folder; serve() waits for it. It starts
+        beside the retraining, as a served model keeps serving while its successor trains: it loads the version served
+        now, and the new one once the gate promotes it (it looks at the folder every second)."""
+        port = free_port()
+        argv = ['python3', SERVER_PY, f'--rest_api_port={port}', f'--model_base_path={display_path(self.serving_dir)}']
+        self.stage('serve')['commands'] = [shlex.join(argv)]
+        with open(os.path.join(self.report_dir, self.stage('serve')['log']), 'a', encoding='utf-8') as log:
             log.write(f'$ {shlex.join(argv)}\n')
             log.flush()
             self.server = subprocess.Popen([sys.executable] + argv[1:], cwd=REPO, stdout=log, stderr=log,
                                            start_new_session=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2'))
-            url = f'http://127.0.0.1:{port}/v1/models/mnist'
-            started = last_shown = time.monotonic()
-            while self.server.poll() is None and time.monotonic() - started < 120:
-                status, reply = http_json(url, timeout=5)
-                versions = [item['version'] for item in (reply or {}).get('model_version_status', [])
-                            if item['state'] == 'AVAILABLE']
-                # Newest first; the version before it may be AVAILABLE too, loaded as the server's warm standby.
-                if versions[:1] == [str(newest)]:
-                    break
-                if time.monotonic() - last_shown >= QUIET_SECONDS:
-                    self.echo(f'  [serve] waiting for version {newest}: {time.monotonic() - started:.0f} s since the '
-                              f'server started')
-                    last_shown = time.monotonic()
-                time.sleep(0.2)
-            if self.server.poll() is None:
+        self.server_url = f'http://127.0.0.1:{port}/v1/models/mnist'
+        self.server_started = time.monotonic()
+
+    def wait_for_version(self, version):
+        """Wait until the server's newest AVAILABLE version is `version`; False if it exits or 120 s pass first."""
+        last_shown, deadline = time.monotonic(), time.monotonic() + 120
+        while self.server.poll() is None and time.monotonic() < deadline:
+            status, reply = http_json(self.server_url, timeout=5)
+            available = [item['version'] for item in (reply or {}).get('model_version_status', [])
+                         if item['state'] == 'AVAILABLE']
+            # Newest first; the version before it may be AVAILABLE too, loaded as the server's warm standby.
+            if available[:1] == [str(version)]:
+                return True
+            if time.monotonic() - last_shown >= QUIET_SECONDS:
+                self.echo(f'  [serve] waiting for version {version}: {time.monotonic() - self.server_started:.0f} s '
+                          'since the server started')
+                last_shown = time.monotonic()
+            time.sleep(0.2)
+        return False
+
+    def serve(self):
+        """Wait until the server started beside the retraining serves the newest version, and measure the served
+        model on the test set through its REST API."""
+        newest = self.served_version()
+        if newest is None:
+            raise StageFailed(f'no version to serve in {display_path(self.serving_dir)}')
+        served = False
+        for _ in range(3):
+            # A port taken between choosing it and binding it: the server exits, and starts again on another one.
+            if self.server is None or self.server.poll() is not None:
+                self.start_server()
+            served = self.wait_for_version(newest)
+            if served or self.server.poll() is None:
                 break
-        log.close()
-        if self.server.poll() is not None or versions[:1] != [str(newest)]:
+        if not served:
             raise StageFailed(f'the model server did not serve version {newest}')
+        url = self.server_url
         self.summary['served'] = {'url': url, 'pid': self.server.pid, 'version': newest}
         self.echo(f'  [serve] serving version {newest} at {url} (pid {self.server.pid})')
 
@@ -570,7 +584,7 @@ class Demo:
     def write_report(self):
         """Write summary.json and report.html (each atomically) from what has run so far. seconds is the run's wall
         time from its start to this report (what the console's last line says too); stage_seconds the sum of the
-        stages' own wall times, more than seconds since the tuning runs beside the pipeline."""
+        stages' own wall times, more than seconds since two stages run beside others (BESIDE)."""
         self.summary['seconds'] = round(time.monotonic() - self.started, 1)
         self.summary['stage_seconds'] = round(sum(stage['seconds'] or 0 for stage in self.summary['stages']), 1)
         documents = {'summary.json': json.dumps(self.summary, indent=2) + '\n',
@@ -580,6 +594,9 @@ class Demo:
             with open(temporary, 'w', encoding='utf-8') as file:
                 file.write(text)
             os.replace(temporary, os.path.join(self.report_dir, name))
+
+    # Stages started with another one, to run beside it: (stage, the method that starts it).
+    BESIDE = {'pipeline': ('tune', 'start_tune'), 'retrain': ('serve', 'start_server')}
 
     def begin(self, name):
         stage = self.stage(name)
@@ -618,9 +635,10 @@ class Demo:
             try:
                 if self.stage(name)['status'] != 'running':
                     self.begin(name)
-                if name == 'pipeline':
-                    self.begin('tune')
-                    self.start_tune()
+                if name in self.BESIDE:
+                    beside, start = self.BESIDE[name]
+                    self.begin(beside)
+                    getattr(self, start)()
                 step()
                 self.end(name, 'succeeded')
             except StageFailed as error:
