@@ -63,8 +63,9 @@ STAGES = (
      '--namespace <namespace> -o my-experiment.yaml && kubectl apply -f my-experiment.yaml'),
     ('retrain', 'Retrain with the tuned values', 'python3 mnist_model/mnist.py <the best trial\'s flags>   # in the '
      'notebook'),
-    ('serve', 'Serve the model, the server started beside the retraining', "sed 's/<notebook-pvc>/<notebook pvc>/' mnist_model/kserve-inferenceservice.yaml "
-     "| kubectl apply -n <namespace> -f -"),
+    ('serve', 'Serve the model, the server started beside the retraining',
+     "sed 's/<notebook-pvc>/<notebook pvc>/' mnist_model/kserve-inferenceservice.yaml | kubectl apply -n <namespace> "
+     "-f -"),
     ('notebook', 'Ask the model from the notebook',
      'open model_serve.ipynb in the Kubeflow notebook, set URL to the InferenceService\'s :predict URL, run all'),
     ('drift', 'Watch the served model for drift',
@@ -176,7 +177,9 @@ class Demo:
         self.running = []             # the RunningCommands started and not yet finished
         self.tuning = None            # the tuner's RunningCommand, from its start beside the pipeline to its end
         self.stage_started = {}       # stage name -> when it began, while it runs
-        self.server = None
+        self.server = None            # the model server's process, from its start beside the retraining
+        self.server_url = None
+        self.server_started = None
         self.started = time.monotonic()
         self.data_flags = []
         self.summary = {

@@ -89,16 +89,25 @@ def alert_of(state):
     return bool(state['versions']) and state['versions'][0]['alert']
 
 
+def highest_score(state, signature):
+    signals = state['versions'][0]['signatures'][signature]['signals'].values()
+    return max((signal['score'] for signal in signals if signal['score'] is not None), default=0.0)
+
+
 def run_clean(client, signature, digits, window, windows):
-    """Send windows x window clean digits; return the alerts that started."""
-    alerts, alerting = 0, alert_of(client.state())
+    """Send windows x window clean digits; return the alerts that started and the highest score of the signature's
+    signals once its window held only these digits (the margin the thresholds leave)."""
+    alerts, highest, alerting = 0, 0.0, alert_of(client.state())
     for index in range(window * windows):
         client.predict(signature, digits[index % len(digits)])
         if (index + 1) % drift.DEFAULT_STEP == 0:
-            now = alert_of(client.state())
+            state = client.state()
+            now = alert_of(state)
             alerts += now and not alerting
             alerting = now
-    return alerts
+            if index + 1 >= window:
+                highest = max(highest, highest_score(state, signature))
+    return alerts, highest
 
 
 def calm_down(client, signature, digits, window):
@@ -125,11 +134,12 @@ def run_once(client, seed, window, clean_windows, shifts):
         x_test, y_test = data['x_test'], data['y_test']
     order = np.random.default_rng(seed).permutation(len(x_test))
     clean, pool = x_test[order[:5000]], order[5000:]
-    result = {'false_alerts': {}, 'delay': {}, 'accuracy': {}}
+    result = {'false_alerts': {}, 'highest_clean_score': {}, 'delay': {}, 'accuracy': {}}
     for signature in SIGNATURES:
-        result['false_alerts'][signature] = run_clean(client, signature, clean, window, clean_windows)
-        print(f'  seed {seed}: clean {signature}: {result["false_alerts"][signature]} alerts in {clean_windows} '
-              f'windows of {window}', flush=True)
+        alerts, highest = run_clean(client, signature, clean, window, clean_windows)
+        result['false_alerts'][signature], result['highest_clean_score'][signature] = alerts, highest
+        print(f'  seed {seed}: clean {signature}: {alerts} alerts in {clean_windows} windows of {window}; highest '
+              f'score {highest:.2f}', flush=True)
     for shift in shifts:
         chosen = pool[np.random.default_rng(seed + 100).permutation(len(pool))[:MAX_SHIFTED]]
         shifted = drift_shifts.apply_shift(shift, x_test[chosen], seed=seed)
@@ -173,7 +183,9 @@ def start_monitor(base_path, window):
 def summarize(results, shifts, clean_windows):
     print(f'\nfalse alerts on clean traffic ({clean_windows} windows per signature per run; target <= 1):')
     for signature in SIGNATURES:
-        print(f'  {signature}: {[result["false_alerts"][signature] for result in results]} per run')
+        print(f'  {signature}: {[result["false_alerts"][signature] for result in results]} per run; highest score '
+              f'{max(result["highest_clean_score"][signature] for result in results):.2f} (thresholds '
+              f'{min(drift.THRESHOLDS.values()):g}+)')
     print(f'detection delay in requests (median over runs; target <= {MAX_SHIFTED}) and served accuracy:')
     for shift in shifts:
         cells = []

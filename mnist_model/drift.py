@@ -39,7 +39,8 @@ import threading
 import numpy as np
 
 PROFILE_FILE = os.path.join('assets.extra', 'profile.json')
-PROFILE_FORMAT = 1
+# Format 2 keeps float32 precision; format 1 (6 significant digits) is still read, and watched at its precision.
+PROFILE_FORMAT = 2
 # Signals and the smallest score that starts an alert (-log10 of the p-value). Chosen on measurement
 # (bench/drift_bench.py, docs/monitoring.md): over 20 windows of clean test digits, raw or as PNG, looked at every 20
 # inputs, no score went above 3.1; the shifts of drift_shifts.py that hurt the model score 6 to 99 within 100 inputs.
@@ -68,6 +69,14 @@ def as_stored(values):
     through the same rounding as the reference's: a confidence of 0.9999996 stored as 1.0 but watched as 0.9999996
     looked like drift (a KS distance of 0.18, a score of 4.8, in every window of clean digits)."""
     return np.asarray(values, dtype=np.float32).astype(np.float64)
+
+
+def as_stored_in_format_1(values):
+    """Values at the precision of a format 1 profile: 6 significant digits."""
+    values = np.asarray(values, dtype=np.float64)
+    magnitude = np.floor(np.log10(np.where(values == 0, 1.0, np.abs(values))))
+    scale = 10.0 ** (5 - magnitude)
+    return np.round(values * scale) / scale
 
 
 class ProfileError(Exception):
@@ -174,12 +183,14 @@ def write_profile(export_dir, profile):
 
 
 class Reference:
-    """One signature's reference read back for testing: digit counts and each continuous signal's sorted sample."""
+    """One signature's reference read back for testing: digit counts, each continuous signal's sorted sample, and
+    the rounding of its format (`stored`), which the window's values get too."""
 
-    def __init__(self, section, source):
+    def __init__(self, section, source, profile_format=PROFILE_FORMAT):
+        self.stored = as_stored if profile_format == PROFILE_FORMAT else as_stored_in_format_1
         try:
             counts = np.asarray(section['digit_counts'], dtype=np.float64)
-            samples = {name: np.sort(as_stored(section['samples'][name]))
+            samples = {name: np.sort(self.stored(section['samples'][name]))
                        for name in SIGNALS if name != 'digit'}
         except (KeyError, TypeError, ValueError) as error:
             raise ProfileError(f'{source}: not a drift profile ({type(error).__name__}: {error})') from None
@@ -201,10 +212,11 @@ def read_profile(version_dir):
         raise ProfileError(f'{path}: no drift profile (exported before profiles were written)') from None
     except (OSError, ValueError) as error:
         raise ProfileError(f'{path}: cannot read it ({error})') from None
-    if not isinstance(document, dict) or document.get('format') != PROFILE_FORMAT or not isinstance(
+    if not isinstance(document, dict) or document.get('format') not in (1, PROFILE_FORMAT) or not isinstance(
             document.get('signatures'), dict):
-        raise ProfileError(f'{path}: not a drift profile of format {PROFILE_FORMAT}')
-    return {name: Reference(section, f'{path} ({name})') for name, section in document['signatures'].items()}
+        raise ProfileError(f'{path}: not a drift profile of format 1 or {PROFILE_FORMAT}')
+    return {name: Reference(section, f'{path} ({name})', document['format'])
+            for name, section in document['signatures'].items()}
 
 
 def score_of(p_value):
@@ -305,7 +317,7 @@ class DriftMonitor:
         """Add inputs one version answered through one signature: the pixels the model classified (rows of 784,
         after the signature's preprocessing) and its probabilities (rows of 10), against that signature's
         Reference."""
-        statistics = {name: as_stored(values) for name, values in
+        statistics = {name: reference.stored(values) for name, values in
                       {**input_statistics(pixels), **output_statistics(probabilities)}.items()}
         if len(statistics['digit']) != len(statistics['ink']):
             raise ValueError(f'{len(statistics["ink"])} rows of pixels and {len(statistics["digit"])} of '

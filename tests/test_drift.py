@@ -135,15 +135,21 @@ def test_a_confident_model_watched_on_its_own_test_digits_scores_low(tmp_path):
     with np.load(os.path.join(REPO, 'mnist_model', 'data', 'mnist.npz')) as data:
         pixels = data['x_test'][:count].reshape(-1, 784)
     profile = drift.compute_profile(pixels, probabilities, image_digits=1)
-    drift.write_profile(str(tmp_path), profile)
-    reference = drift.read_profile(str(tmp_path))['serving_default']
-    monitor = drift.DriftMonitor('mnist', window=400, step=400)
-    highest = 0.0
-    for start in range(0, count, 400):
-        monitor.observe(1, 'serving_default', reference, pixels[start:start + 400], probabilities[start:start + 400])
-        signals = monitor.snapshot()['versions'][0]['signatures']['serving_default']['signals']
-        highest = max(highest, signals['confidence']['score'])
-    assert highest < 2.5
+    # The same profile as a version exported before float32 precision holds it: format 1, 6 significant digits.
+    section = profile['signatures']['serving_default']
+    old_profile = {'format': 1, 'signatures': {'serving_default': dict(section, samples={
+        name: [float(f'{value:.6g}') for value in values] for name, values in section['samples'].items()})}}
+    for folder, document in (('new', profile), ('old', old_profile)):
+        drift.write_profile(str(tmp_path / folder), document)
+        reference = drift.read_profile(str(tmp_path / folder))['serving_default']
+        monitor = drift.DriftMonitor('mnist', window=400, step=400)
+        highest = 0.0
+        for start in range(0, count, 400):
+            monitor.observe(1, 'serving_default', reference, pixels[start:start + 400],
+                            probabilities[start:start + 400])
+            signals = monitor.snapshot()['versions'][0]['signatures']['serving_default']['signals']
+            highest = max(highest, signals['confidence']['score'])
+        assert highest < 2.5, folder
 
 
 def test_profile_errors_are_one_line(tmp_path):
