@@ -32,6 +32,7 @@ import yaml
 import component_source
 import mnist
 import mnist_pipeline
+import pipeline_cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'mnist_model', 'mnist_pipeline.py')
@@ -318,24 +319,38 @@ def test_local_run_metrics_follow_the_kfp_v1_schemas(local_run):
     assert markdown['storage'] == 'inline' and markdown['source'].strip()
 
 
-def test_a_second_local_run_with_a_worse_model_is_not_delivered_and_leaves_no_temporary_files(
-        local_run, small_data_path, tmp_path, monkeypatch):
-    assert local_run['exit_code'] == 0, local_run['stdout']
-    # The run's default folder, kfp's `mktemp` program files and TensorFlow's generated code all go to the temporary
-    # folder: a fresh one here, which must be empty again afterwards.
+def test_a_run_in_a_temporary_folder_leaves_nothing_there(small_data_path, tmp_path, monkeypatch):
+    # Without --pipeline_root the run's outputs, kfp's `mktemp` program files and TensorFlow's generated code go to a
+    # new temporary folder: a fresh one here, which must be empty again after a run that fails in its first step.
+    # (A worse model declined by the v1 pipeline's promote step: tests/test_run_demo.py, the demo's pipeline stage.)
     temporary = tmp_path / 'tmp'
     temporary.mkdir()
     monkeypatch.setenv('TMPDIR', str(temporary))
     monkeypatch.setattr(tempfile, 'tempdir', str(temporary))
-    worse = run_locally(small_data_path, None, local_run['serving_dir'], dict(SMALL_HPARAMS, epoch=10))
-    assert worse['exit_code'] == 0, worse['stdout']
-    assert os.listdir(local_run['serving_dir']) == ['1']
-    (decision,) = [line for line in worse['stdout'].splitlines() if line.startswith('[promote] Not promoted: ')]
-    assert re.search(r'of version 1 \(1 000 test images, sha256 [0-9a-f]{8}\); --force_export exports it anyway\.$',
-                     decision)
-    assert _printed_paths(worse['stdout']) == {}
-    assert re.search(rf'^Outputs were in the temporary folder {re.escape(str(temporary))}/mnist-pipeline-\w+, removed '
-                     rf'now \(--keep_pipeline_root keeps it\)\.$', worse['stdout'], re.MULTILINE)
+    failed = run_locally(tmp_path / 'missing.npz', None, str(tmp_path / 'serving'), SMALL_HPARAMS)
+    assert failed['exit_code'] == 1 and os.listdir(temporary) == []
+
+
+def test_a_successful_run_in_a_temporary_folder_says_it_was_removed(tmp_path, monkeypatch, capsys):
+    # What run_local_and_report prints and removes around a successful run (the step processes are
+    # test_local_run_succeeds_and_prints_outputs_and_metrics's; here run_local only writes an output).
+    temporary = tmp_path / 'tmp'
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, 'tempdir', str(temporary))
+
+    def run_local(data, hparams, pipeline_root, serving_dir, rule):
+        with open(os.path.join(pipeline_root, 'output'), 'w') as output:
+            output.write('x')
+        return {'run_id': 'run-1', 'outputs': {'model': os.path.join(pipeline_root, 'output')}, 'accuracy': 0.91,
+                'loss': 0.3, 'model_version': 2}
+
+    assert pipeline_cli.run_local_and_report(run_local, 'data.npz', {}, None, str(tmp_path / 'serving'), {},
+                                             keep_pipeline_root=False, prefix='mnist-pipeline-') == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf'Outputs were in the temporary folder {re.escape(str(temporary))}/mnist-pipeline-\w+, '
+                        r'removed now \(--keep_pipeline_root keeps it\)\.', lines[1])
+    assert lines[2] == f'Served as {tmp_path / "serving" / "2"}.' and lines[3:] == ['accuracy=0.910000',
+                                                                                  'loss=0.300000']
     assert os.listdir(temporary) == []
 
 
