@@ -625,8 +625,8 @@ class Demo:
                 self.end(stage['name'], status, error)
 
     def run(self, keep_serving):
-        """Run every stage in order, the tuning beside the pipeline; returns the exit code (0, 1 for a failed
-        stage, 130 for Ctrl-C)."""
+        """Run every stage in order, each stage of BESIDE started with its partner (the tuning with the pipeline,
+        the server with the retraining); returns the exit code (0, 1 for a failed stage, 130 for Ctrl-C)."""
         self.started = time.monotonic()
         os.makedirs(os.path.join(self.report_dir, 'logs'), exist_ok=True)
         self.prepare_data()
